@@ -1,0 +1,171 @@
+"""One resolver for the sampler names people already use: reverie's own, A1111 labels, ComfyUI
+sampler_name + scheduler pairs, and diffusers scheduler class names with their flags."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from .solvers import SAMPLERS
+
+
+@dataclass(frozen=True)
+class SamplerChoice:
+    """A sampler from SAMPLERS, the kind of sigmas it runs on, and its fixed options."""
+
+    name: str  # key in SAMPLERS
+    schedule: str = "default"  # default | karras | exponential (see DiscreteSchedule.sampling_sigmas)
+    options: dict = field(default_factory=dict)  # e.g. {"eta": 1.0}; passed to the sampler
+
+    @property
+    def fn(self):
+        return SAMPLERS[self.name]
+
+    @property
+    def family(self) -> str:
+        """The diffusers scheduler family whose timestep spacing this sampler reproduces."""
+        return self.fn.family
+
+    def __call__(self, denoiser, x, sigmas, **kwargs):
+        return self.fn(denoiser, x, sigmas, **{**self.options, **kwargs})
+
+    def __hash__(self):
+        return hash((self.name, self.schedule, tuple(sorted(self.options.items()))))
+
+
+# A1111 labels (old combined names included: API clients still send "DPM++ 2M Karras") and reverie's own
+# names. ComfyUI's sampler names are reverie's names, plus the aliases below.
+_LABELS = {
+    "euler": ("euler", "default"),
+    "euler a": ("euler_ancestral", "default"),
+    "heun": ("heun", "default"),
+    "lms": ("lms", "default"),
+    "lms karras": ("lms", "karras"),
+    "ddim": ("ddim", "default"),
+    "ddpm": ("ddpm", "default"),
+    "unipc": ("unipc", "default"),
+    "dpm++ 2m": ("dpmpp_2m", "default"),
+    "dpm++ 2m karras": ("dpmpp_2m", "karras"),
+    "dpm++ 2m exponential": ("dpmpp_2m", "exponential"),
+    "dpm++ 2m sde": ("dpmpp_2m_sde", "default"),
+    "dpm++ 2m sde karras": ("dpmpp_2m_sde", "karras"),
+    "dpm++ 2m sde exponential": ("dpmpp_2m_sde", "exponential"),
+    "dpm++ sde": ("dpmpp_sde", "default"),
+    "dpm++ sde karras": ("dpmpp_sde", "karras"),
+    "euler flow": ("euler_flow", "default"),
+    "flow euler": ("euler_flow", "default"),
+    # ComfyUI aliases
+    "uni_pc": ("unipc", "default"),
+    "uni_pc_bh2": ("unipc", "default"),
+    "dpmpp_2m_sde_gpu": ("dpmpp_2m_sde", "default"),
+    "dpmpp_sde_gpu": ("dpmpp_sde", "default"),
+}
+_OPTIONS = {"uni_pc": {"variant": "bh1"}}
+
+# The schedule a sampler gets under A1111's "Automatic" schedule type (sd_samplers_kdiffusion.py).
+_AUTOMATIC = {"dpmpp_2m": "karras", "dpmpp_sde": "karras", "dpmpp_2m_sde": "exponential"}
+
+# A1111 "Schedule type" and ComfyUI "scheduler" names that reverie implements.
+_SCHEDULES = {"default": "default", "uniform": "default", "normal": "default", "karras": "karras",
+              "exponential": "exponential"}
+
+# diffusers scheduler classes; flags below refine them.
+_DIFFUSERS = {
+    "eulerdiscretescheduler": "euler",
+    "eulerancestraldiscretescheduler": "euler_ancestral",
+    "heundiscretescheduler": "heun",
+    "lmsdiscretescheduler": "lms",
+    "ddimscheduler": "ddim",
+    "ddpmscheduler": "ddpm",
+    "dpmsolvermultistepscheduler": "dpmpp_2m",
+    "dpmsolversdescheduler": "dpmpp_sde",
+    "unipcmultistepscheduler": "unipc",
+    "flowmatcheulerdiscretescheduler": "euler_flow",
+}
+# Flags of those classes that change the sampling algorithm: (flag, value) -> allowed, or why not.
+_DPM_ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
+
+
+def _normalize(name: str) -> str:
+    return re.sub(r"\s+", " ", name.strip().lower())
+
+
+def valid_names() -> list[str]:
+    names = set(SAMPLERS) | set(_LABELS) | {"automatic"}
+    return sorted(names - {"automatic"})
+
+
+def _bad(field_name, value, allowed):
+    return ValueError(f"{field_name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+def _from_diffusers(cls: str, flags: dict) -> SamplerChoice:
+    name = _DIFFUSERS[cls]
+    options, schedule = {}, "default"
+    if flags.get("use_beta_sigmas"):
+        raise ValueError("use_beta_sigmas is not supported; allowed sigma flags: use_karras_sigmas, "
+                         "use_exponential_sigmas")
+    if flags.get("use_karras_sigmas") and flags.get("use_exponential_sigmas"):
+        raise ValueError("use_karras_sigmas and use_exponential_sigmas are mutually exclusive")
+    if flags.get("use_karras_sigmas"):
+        schedule = "karras"
+    elif flags.get("use_exponential_sigmas"):
+        schedule = "exponential"
+    if cls == "dpmsolvermultistepscheduler":
+        algorithm = flags.get("algorithm_type", "dpmsolver++")
+        if algorithm not in _DPM_ALGORITHMS:
+            raise _bad("algorithm_type", algorithm, list(_DPM_ALGORITHMS))
+        name = _DPM_ALGORITHMS[algorithm]
+        if flags.get("solver_order", 2) != 2:
+            raise _bad("solver_order", flags["solver_order"], [2])
+        if flags.get("solver_type", "midpoint") != "midpoint":
+            raise _bad("solver_type", flags["solver_type"], ["midpoint"])
+    if cls == "unipcmultistepscheduler":
+        options["order"] = flags.get("solver_order", 2)
+        options["variant"] = flags.get("solver_type", "bh2")
+        if not flags.get("predict_x0", True):
+            raise _bad("predict_x0", False, [True])
+    if cls == "ddimscheduler" and flags.get("eta"):
+        options["eta"] = float(flags["eta"])
+    for flag in ("thresholding", "clip_sample"):
+        if flags.get(flag) and cls in ("ddimscheduler", "ddpmscheduler"):
+            raise ValueError(f"{flag}=True is not supported by reverie's samplers; set it to False")
+    return SamplerChoice(name, schedule, options)
+
+
+def resolve(name: str, scheduler: str | None = None, **flags) -> SamplerChoice:
+    """The sampler and schedule for a name from any tool.
+
+    - reverie / ComfyUI names: "dpmpp_2m", with scheduler "normal" | "karras" | "exponential";
+    - A1111 labels: "DPM++ 2M Karras", "Euler a", or "DPM++ 2M" with scheduler (Schedule type)
+      "Automatic" | "Uniform" | "Karras" | "Exponential";
+    - diffusers classes with their config flags: resolve("DPMSolverMultistepScheduler",
+      use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"). Other config keys are ignored.
+    Unknown names raise ValueError listing the valid ones."""
+    if not isinstance(name, str):
+        raise ValueError(f"sampler must be a string; got {type(name).__name__}")
+    key = _normalize(name)
+    if key in _DIFFUSERS:
+        if scheduler is not None:
+            raise ValueError("scheduler: give diffusers schedulers their flags (use_karras_sigmas=True), "
+                             "not a scheduler name")
+        return _from_diffusers(key, flags)
+    if flags:
+        raise ValueError(f"unexpected options {sorted(flags)} for sampler {name!r}; flags are for diffusers "
+                         f"scheduler classes ({', '.join(sorted(_DIFFUSERS))})")
+    if key in SAMPLERS:
+        sampler, schedule = key, "default"
+    elif key in _LABELS:
+        sampler, schedule = _LABELS[key]
+    else:
+        raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(valid_names())}, or a diffusers "
+                         f"scheduler class ({', '.join(sorted(_DIFFUSERS))})")
+    if scheduler is not None:
+        skey = _normalize(scheduler)
+        if skey == "automatic":
+            schedule = _AUTOMATIC.get(sampler, schedule)
+        elif skey in _SCHEDULES:
+            schedule = _SCHEDULES[skey]
+        else:
+            raise _bad("scheduler", scheduler, ["automatic", *_SCHEDULES])
+    return SamplerChoice(sampler, schedule, dict(_OPTIONS.get(key, {})))
