@@ -36,24 +36,24 @@ class SamplerChoice:
 # A1111 labels (old combined names included: API clients still send "DPM++ 2M Karras") and reverie's own
 # names. ComfyUI's sampler names are reverie's names, plus the aliases below.
 _LABELS = {
-    "euler": ("euler", "default"),
-    "euler a": ("euler_ancestral", "default"),
-    "heun": ("heun", "default"),
-    "lms": ("lms", "default"),
-    "lms karras": ("lms", "karras"),
-    "ddim": ("ddim", "default"),
-    "ddpm": ("ddpm", "default"),
-    "unipc": ("unipc", "default"),
-    "dpm++ 2m": ("dpmpp_2m", "default"),
-    "dpm++ 2m karras": ("dpmpp_2m", "karras"),
-    "dpm++ 2m exponential": ("dpmpp_2m", "exponential"),
-    "dpm++ 2m sde": ("dpmpp_2m_sde", "default"),
-    "dpm++ 2m sde karras": ("dpmpp_2m_sde", "karras"),
-    "dpm++ 2m sde exponential": ("dpmpp_2m_sde", "exponential"),
-    "dpm++ sde": ("dpmpp_sde", "default"),
-    "dpm++ sde karras": ("dpmpp_sde", "karras"),
-    "euler flow": ("euler_flow", "default"),
-    "flow euler": ("euler_flow", "default"),
+    "Euler": ("euler", "default"),
+    "Euler a": ("euler_ancestral", "default"),
+    "Heun": ("heun", "default"),
+    "LMS": ("lms", "default"),
+    "LMS Karras": ("lms", "karras"),
+    "DDIM": ("ddim", "default"),
+    "DDPM": ("ddpm", "default"),
+    "UniPC": ("unipc", "default"),
+    "DPM++ 2M": ("dpmpp_2m", "default"),
+    "DPM++ 2M Karras": ("dpmpp_2m", "karras"),
+    "DPM++ 2M Exponential": ("dpmpp_2m", "exponential"),
+    "DPM++ 2M SDE": ("dpmpp_2m_sde", "default"),
+    "DPM++ 2M SDE Karras": ("dpmpp_2m_sde", "karras"),
+    "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "exponential"),
+    "DPM++ SDE": ("dpmpp_sde", "default"),
+    "DPM++ SDE Karras": ("dpmpp_sde", "karras"),
+    "Euler flow": ("euler_flow", "default"),
+    "Flow Euler": ("euler_flow", "default"),
     # ComfyUI aliases
     "uni_pc": ("unipc", "default"),
     "uni_pc_bh2": ("unipc", "default"),
@@ -71,16 +71,16 @@ _SCHEDULES = {"default": "default", "uniform": "default", "normal": "default", "
 
 # diffusers scheduler classes; flags below refine them.
 _DIFFUSERS = {
-    "eulerdiscretescheduler": "euler",
-    "eulerancestraldiscretescheduler": "euler_ancestral",
-    "heundiscretescheduler": "heun",
-    "lmsdiscretescheduler": "lms",
-    "ddimscheduler": "ddim",
-    "ddpmscheduler": "ddpm",
-    "dpmsolvermultistepscheduler": "dpmpp_2m",
-    "dpmsolversdescheduler": "dpmpp_sde",
-    "unipcmultistepscheduler": "unipc",
-    "flowmatcheulerdiscretescheduler": "euler_flow",
+    "EulerDiscreteScheduler": "euler",
+    "EulerAncestralDiscreteScheduler": "euler_ancestral",
+    "HeunDiscreteScheduler": "heun",
+    "LMSDiscreteScheduler": "lms",
+    "DDIMScheduler": "ddim",
+    "DDPMScheduler": "ddpm",
+    "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "DPMSolverSDEScheduler": "dpmpp_sde",
+    "UniPCMultistepScheduler": "unipc",
+    "FlowMatchEulerDiscreteScheduler": "euler_flow",
 }
 # Flags of those classes that change the sampling algorithm: (flag, value) -> allowed, or why not.
 _DPM_ALGORITHMS = {"dpmsolver++": "dpmpp_2m", "sde-dpmsolver++": "dpmpp_2m_sde"}
@@ -90,9 +90,12 @@ def _normalize(name: str) -> str:
     return re.sub(r"\s+", " ", name.strip().lower())
 
 
+_LABEL_KEYS = {_normalize(k): v for k, v in _LABELS.items()}
+_DIFFUSERS_KEYS = {_normalize(k): k for k in _DIFFUSERS}
+
+
 def valid_names() -> list[str]:
-    names = set(SAMPLERS) | set(_LABELS) | {"automatic"}
-    return sorted(names - {"automatic"})
+    return list(SAMPLERS) + sorted(set(_LABELS) - set(SAMPLERS), key=str.lower)
 
 
 def _bad(field_name, value, allowed):
@@ -111,7 +114,7 @@ def _from_diffusers(cls: str, flags: dict) -> SamplerChoice:
         schedule = "karras"
     elif flags.get("use_exponential_sigmas"):
         schedule = "exponential"
-    if cls == "dpmsolvermultistepscheduler":
+    if cls == "DPMSolverMultistepScheduler":
         algorithm = flags.get("algorithm_type", "dpmsolver++")
         if algorithm not in _DPM_ALGORITHMS:
             raise _bad("algorithm_type", algorithm, list(_DPM_ALGORITHMS))
@@ -120,15 +123,17 @@ def _from_diffusers(cls: str, flags: dict) -> SamplerChoice:
             raise _bad("solver_order", flags["solver_order"], [2])
         if flags.get("solver_type", "midpoint") != "midpoint":
             raise _bad("solver_type", flags["solver_type"], ["midpoint"])
-    if cls == "unipcmultistepscheduler":
-        options["order"] = flags.get("solver_order", 2)
-        options["variant"] = flags.get("solver_type", "bh2")
+    if cls == "UniPCMultistepScheduler":
+        if flags.get("solver_order", 2) != 2:
+            options["order"] = flags["solver_order"]
+        if flags.get("solver_type", "bh2") != "bh2":
+            options["variant"] = flags["solver_type"]
         if not flags.get("predict_x0", True):
             raise _bad("predict_x0", False, [True])
-    if cls == "ddimscheduler" and flags.get("eta"):
+    if cls == "DDIMScheduler" and flags.get("eta"):
         options["eta"] = float(flags["eta"])
     for flag in ("thresholding", "clip_sample"):
-        if flags.get(flag) and cls in ("ddimscheduler", "ddpmscheduler"):
+        if flags.get(flag) and cls in ("DDIMScheduler", "DDPMScheduler"):
             raise ValueError(f"{flag}=True is not supported by reverie's samplers; set it to False")
     return SamplerChoice(name, schedule, options)
 
@@ -145,18 +150,18 @@ def resolve(name: str, scheduler: str | None = None, **flags) -> SamplerChoice:
     if not isinstance(name, str):
         raise ValueError(f"sampler must be a string; got {type(name).__name__}")
     key = _normalize(name)
-    if key in _DIFFUSERS:
+    if key in _DIFFUSERS_KEYS:
         if scheduler is not None:
             raise ValueError("scheduler: give diffusers schedulers their flags (use_karras_sigmas=True), "
                              "not a scheduler name")
-        return _from_diffusers(key, flags)
+        return _from_diffusers(_DIFFUSERS_KEYS[key], flags)
     if flags:
         raise ValueError(f"unexpected options {sorted(flags)} for sampler {name!r}; flags are for diffusers "
                          f"scheduler classes ({', '.join(sorted(_DIFFUSERS))})")
     if key in SAMPLERS:
         sampler, schedule = key, "default"
-    elif key in _LABELS:
-        sampler, schedule = _LABELS[key]
+    elif key in _LABEL_KEYS:
+        sampler, schedule = _LABEL_KEYS[key]
     else:
         raise ValueError(f"unknown sampler {name!r}; valid: {', '.join(valid_names())}, or a diffusers "
                          f"scheduler class ({', '.join(sorted(_DIFFUSERS))})")
