@@ -57,7 +57,8 @@ class DiscreteDenoiser(nn.Module):
         return DiscreteDenoiser(self.net, self.schedule, self.prediction, mapping)
 
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
-        return self.schedule.sigma_to_t(sigma, self.timestep_mapping)
+        """Timesteps in float32 whatever the sample dtype (fp16 cannot hold fractional timesteps near 1000)."""
+        return self.schedule.sigma_to_t(sigma.float(), self.timestep_mapping)
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = _sigma_batch(sigma, x)
