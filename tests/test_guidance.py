@@ -79,3 +79,20 @@ def test_bad_scales_name_the_field(kwargs, field):
 def test_guidance_needs_uncond():
     with pytest.raises(ValueError, match="uncond"):
         CFGDenoiser(Counting(), COND, None, scale=3.0)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction", "sample"])
+def test_guidance_rescale_works_in_the_networks_output_space(prediction):
+    """diffusers rescales what the UNet predicts (v for v-prediction models); reverie does the same."""
+    from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+    net = TinyNet()
+    schedule = DiscreteSchedule()
+    denoiser = DiscreteDenoiser(net, schedule, prediction)
+    ours = CFGDenoiser(denoiser, COND, UNCOND, scale=6.0, rescale=0.7)(X, SIGMA)
+    c_in, t = (SIGMA**2 + 1).rsqrt().reshape(-1, 1, 1, 1), schedule.sigma_to_t(SIGMA)
+    out_c, out_u = net(X * c_in, t, **COND), net(X * c_in, t, **UNCOND)
+    out = rescale_noise_cfg(out_u + 6.0 * (out_c - out_u), out_c, guidance_rescale=0.7)
+    torch.testing.assert_close(ours, denoiser.denoised_from_output(X, SIGMA, out), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(denoiser.output_from_denoised(X, SIGMA, denoiser(X, SIGMA, **COND)), out_c,
+                               rtol=1e-4, atol=1e-4)

@@ -64,11 +64,24 @@ class DiscreteDenoiser(nn.Module):
         sigma = _sigma_batch(sigma, x)
         s = _bcast(sigma, x)
         c_in = (s**2 + 1) ** -0.5  # = sqrt(alphabar): VE x -> VP model input
-        out = self.net(x * c_in, self.sigma_to_t(sigma), **cond)
+        return self.denoised_from_output(x, sigma, self.net(x * c_in, self.sigma_to_t(sigma), **cond))
+
+    def output_from_denoised(self, x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+        """What the network would have predicted (eps, v or x0) for this x0 estimate: the inverse of forward."""
+        s = _bcast(_sigma_batch(sigma, x), x)
+        eps = (x - denoised) / s
+        if self.prediction == "epsilon":
+            return eps
+        if self.prediction == "v_prediction":
+            return (eps - s * denoised) * (s**2 + 1) ** -0.5  # alpha eps - sigma_vp x0
+        return denoised
+
+    def denoised_from_output(self, x: Tensor, sigma: Tensor, out: Tensor) -> Tensor:
+        s = _bcast(_sigma_batch(sigma, x), x)
         if self.prediction == "epsilon":
             return x - s * out
         if self.prediction == "v_prediction":  # v = alpha eps - sigma_vp x0 (Salimans & Ho 2022)
-            return x / (s**2 + 1) - out * s * c_in
+            return x / (s**2 + 1) - out * s * (s**2 + 1) ** -0.5
         return out
 
     def loss(self, x0: Tensor, *, t: Tensor | None = None, noise: Tensor | None = None, generator=None,

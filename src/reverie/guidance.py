@@ -21,8 +21,8 @@ class CFGDenoiser(nn.Module):
 
     cond / uncond: keyword arguments for the denoiser (e.g. encoder_hidden_states=...). A negative prompt
     is simply `uncond`. scale == 1 skips the unconditional pass. rescale in [0, 1] blends in the guided
-    prediction rescaled to the standard deviation of the conditional one, computed on eps as diffusers
-    does (`guidance_rescale`)."""
+    prediction rescaled to the standard deviation of the conditional one, computed on what the network
+    predicts (eps or v) exactly as diffusers' `guidance_rescale` — on eps for denoisers that do not say."""
 
     def __init__(self, denoiser, cond: dict, uncond: dict | None = None, scale: float = 7.5,
                  rescale: float = 0.0):
@@ -43,10 +43,19 @@ class CFGDenoiser(nn.Module):
         guided = d_uncond + self.scale * (d_cond - d_uncond)
         if self.rescale == 0:
             return guided
-        # std ratios are taken on eps = (x - D) / sigma, per item, over all non-batch dims
-        s = sigma.reshape(-1, *[1] * (x.ndim - 1))
-        eps_cond, eps_guided = (x - d_cond) / s, (x - guided) / s
+        # std ratios are taken per item over all non-batch dims, in the network's output space
+        to_out = getattr(self.denoiser, "output_from_denoised", _eps_from_denoised)
+        to_denoised = getattr(self.denoiser, "denoised_from_output", _denoised_from_eps)
+        out_cond, out_guided = to_out(x, sigma, d_cond), to_out(x, sigma, guided)
         dims = list(range(1, x.ndim))
-        ratio = eps_cond.std(dim=dims, keepdim=True) / eps_guided.std(dim=dims, keepdim=True)
-        eps = self.rescale * eps_guided * ratio + (1 - self.rescale) * eps_guided
-        return x - s * eps
+        ratio = out_cond.std(dim=dims, keepdim=True) / out_guided.std(dim=dims, keepdim=True)
+        out = self.rescale * out_guided * ratio + (1 - self.rescale) * out_guided
+        return to_denoised(x, sigma, out)
+
+
+def _eps_from_denoised(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
+    return (x - denoised) / sigma.reshape(-1, *[1] * (x.ndim - 1))
+
+
+def _denoised_from_eps(x: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
+    return x - sigma.reshape(-1, *[1] * (x.ndim - 1)) * eps
