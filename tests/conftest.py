@@ -4,6 +4,9 @@ import pytest
 import torch
 from torch import nn
 
+# The suite's models are tiny: one thread is as fast, and two threads spin-wait badly when the machine is busy.
+torch.set_num_threads(1)
+
 
 class TinyNet(nn.Module):
     """A small random network net(x, t) -> same shape as x, smooth in t: stands in for a UNet."""

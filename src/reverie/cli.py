@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _demo(args) -> None:
@@ -11,6 +12,35 @@ def _demo(args) -> None:
 
     run_demo(args.out, steps=args.steps, seed=args.seed, sampler=args.sampler)
     print(f"wrote {args.out}")
+
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def _generate(args) -> None:
+    import torch
+
+    from .pipeline import Pipeline
+
+    if args.model is None:
+        raise ValueError("--model: no bundled model ships yet; pass a diffusers folder or a .safetensors file")
+    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                    allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
+                                    prediction_type=args.prediction_type, offload=args.offload)
+    if args.attention_slicing:
+        pipe.enable_attention_slicing()
+    if args.vae_tiling:
+        pipe.vae.enable_tiling()
+    result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+                  sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
+                  seed=args.seed, num_images=args.num_images, clip_skip=args.clip_skip)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(result.images):
+        path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        image.save(path)
+        print(f"wrote {path} (seed {result.params['seeds'][i]})")
 
 
 def _samplers(args) -> None:
@@ -30,6 +60,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--sampler", default="DPM++ 2M Karras", help="any name reverie.samplers.resolve accepts")
     demo.set_defaults(run=_demo)
+
+    gen = sub.add_parser("generate", help="generate images from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--model", help="a diffusers folder or a single-file .safetensors checkpoint")
+    gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--steps", type=int, default=30)
+    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+    gen.add_argument("--sampler", default="dpmpp_2m", help="any name reverie.samplers.resolve accepts")
+    gen.add_argument("--scheduler", default=None, help="schedule type: karras, exponential, normal, automatic")
+    gen.add_argument("--width", type=int, default=512)
+    gen.add_argument("--height", type=int, default=512)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--num-images", type=int, default=1)
+    gen.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip (A1111's 'Clip skip 2' = 1)")
+    gen.add_argument("--out", default="out.png")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    gen.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file checkpoints have none)")
+    gen.add_argument("--prediction-type", default=None, choices=["epsilon", "v_prediction", "sample"])
+    gen.add_argument("--allow-pickle", action="store_true", help="allow .ckpt/.bin pickles (can run code!)")
+    gen.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
+    gen.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
+    gen.add_argument("--offload", action="store_true", help="keep models on the CPU until each is needed")
+    gen.set_defaults(run=_generate)
 
     samplers = sub.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(run=_samplers)

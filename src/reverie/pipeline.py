@@ -10,6 +10,7 @@ honoured exactly as diffusers honours it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -67,11 +68,16 @@ class Pipeline:
     the CPU and visit the device one at a time (for small GPU memory)."""
 
     def __init__(self, unet, vae, text_encoder, schedule: DiscreteSchedule, *, name: str = "model",
-                 device="cpu", dtype=torch.float32, offload: bool = False):
+                 device="cpu", dtype=torch.float32, offload: bool = False, scheduler_config: dict | None = None):
         self.unet, self.vae, self.text_encoder, self.schedule = unet, vae, text_encoder, schedule
+        # the diffusers scheduler config this model came with, written back by save_pretrained
+        self.scheduler_config = scheduler_config or {"_class_name": "DDIMScheduler", "clip_sample": False,
+                                                     **dataclasses.asdict(schedule)}
         self.name, self.device, self.dtype, self.offload = name, torch.device(device), dtype, offload
-        for module in (unet, vae, text_encoder):
-            module.to("cpu" if offload else self.device, dtype).eval().requires_grad_(False)
+        # the VAE asks for float32 when fp16 overflows it (diffusers' force_upcast; SD's VAE does)
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.force_upcast else dtype
+        for module, module_dtype in ((unet, dtype), (vae, self.vae_dtype), (text_encoder, dtype)):
+            module.to("cpu" if offload else self.device, module_dtype).eval().requires_grad_(False)
 
     # --- loading and saving -------------------------------------------------------------------------
 
@@ -93,7 +99,8 @@ class Pipeline:
         if prediction_type is not None:
             scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
         schedule = DiscreteSchedule.from_config(scheduler_config)
-        return cls(unet, vae, text_encoder, schedule, name=path.stem, device=device, dtype=dtype, offload=offload)
+        return cls(unet, vae, text_encoder, schedule, name=path.stem, device=device, dtype=dtype, offload=offload,
+                   scheduler_config=scheduler_config)
 
     def save_pretrained(self, path, *, dtype=None) -> None:
         """Write a diffusers folder that diffusers' StableDiffusionPipeline.from_pretrained opens."""
@@ -208,7 +215,7 @@ class Pipeline:
             x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
 
         with self._on_device(self.vae) as vae, torch.inference_mode():
-            images = vae.images_from_latents(x.to(self.dtype))
+            images = vae.decode(x.to(self.vae_dtype) / vae.scaling_factor + vae.shift_factor)
         params = dict(prompt=prompts, negative_prompt=negatives, steps=steps, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, sampler=choice.name, schedule=choice.schedule,
                       sampler_options=choice.options, width=width, height=height, seeds=seeds,

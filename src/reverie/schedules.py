@@ -186,7 +186,7 @@ class DiscreteSchedule:
     beta_start: float = 0.00085  # first beta (linear schedules)
     beta_end: float = 0.012  # last beta (linear schedules)
     prediction_type: str = "epsilon"  # what the network predicts: epsilon | v_prediction | sample
-    timestep_spacing: str = "leading"  # how sampling timesteps are spaced: leading | trailing | linspace
+    timestep_spacing: str | None = None  # leading | trailing | linspace; None: each family's diffusers default
     steps_offset: int = 0  # added to "leading" timesteps (Stable Diffusion uses 1)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR
     set_alpha_to_one: bool = True  # DDIM/DDPM family: the last step lands on sigma 0 (else on sigma(t=0))
@@ -194,15 +194,19 @@ class DiscreteSchedule:
     def __post_init__(self):
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
         _check_choice("prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
-        _check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
+        if self.timestep_spacing is not None:
+            _check_choice("timestep_spacing", self.timestep_spacing, SPACINGS)
         if self.num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2; got {self.num_train_timesteps}")
 
     @classmethod
     def from_config(cls, config: dict) -> "DiscreteSchedule":
-        """From a diffusers scheduler config; keys reverie does not use (e.g. `_class_name`) are ignored."""
+        """From a diffusers scheduler config; keys reverie does not use (e.g. `_class_name`) are ignored, and so
+        are keys that diffusers recorded as defaults (`_use_default_values`): like diffusers' from_config, a
+        sampler then gets its own scheduler class's default (e.g. DDIM "leading" spacing, Euler "linspace")."""
         names = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in config.items() if k in names}
+        defaulted = set(config.get("_use_default_values") or ())
+        kwargs = {k: v for k, v in config.items() if k in names and k not in defaulted}
         if config.get("trained_betas") is not None:
             raise ValueError("trained_betas is not supported; use beta_schedule")
         return cls(**kwargs)
@@ -256,6 +260,10 @@ class DiscreteSchedule:
             t = t.floor()
         return t.to(sigma.dtype)
 
+    def spacing(self, family: str = "k") -> str:
+        """The timestep spacing a family uses: the config's, else its diffusers class default."""
+        return self.timestep_spacing or ("leading" if family == "ddim" else "linspace")
+
     def sampling_sigmas(self, steps: int, kind: str = "default", family: str = "k") -> Tensor:
         """The n + 1 sigmas that diffusers' scheduler of `family` visits with `kind` sigmas.
 
@@ -263,7 +271,7 @@ class DiscreteSchedule:
         between the family's sigma_min and sigma_max (diffusers' `use_karras_sigmas` and
         `use_exponential_sigmas`)."""
         _check_choice("kind", kind, SIGMA_KINDS)
-        t = spaced_timesteps(steps, self.timestep_spacing, self.num_train_timesteps, self.steps_offset, family)
+        t = spaced_timesteps(steps, self.spacing(family), self.num_train_timesteps, self.steps_offset, family)
         sigmas = self.t_to_sigma(t)
         final = 0.0
         if family == "ddim" and not self.set_alpha_to_one:
@@ -287,7 +295,7 @@ class DiscreteSchedule:
 
         VE samplers start from sigma_max * eps; diffusers' "ddim"/"multistep" families and its
         "leading"-spaced Euler family start from sqrt(sigma_max^2 + 1) * eps (unit variance in VP space)."""
-        if family == "k" and self.timestep_spacing in ("linspace", "trailing"):
+        if family == "k" and self.spacing(family) in ("linspace", "trailing"):
             return sigma_max
         return (sigma_max**2 + 1) ** 0.5
 

@@ -1,0 +1,101 @@
+"""Build a pipeline's components from disk, and write them back, in the formats others use.
+
+A diffusers folder is read component by component (config.json -> module, safetensors -> strict load). A
+single-file LDM checkpoint is split by the key map in reverie.formats.single_file, its configs inferred
+from tensor shapes. Nothing is half-loaded: each strict load checks every key and shape first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .formats import (FormatError, infer_sd_configs, load_checkpoint, load_state_dict_strict, load_weights,
+                      read_config, read_model_index, save_component, write_model_index)
+from .formats.folder import read_json, write_json
+from .models.text import TextEncoder, load_tokenizer
+from .models.unet import UNet
+from .models.vae import AutoencoderKL
+
+REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SD_SCHEDULER = {  # what SD 1.x/2.x single files imply; prediction_type can be overridden (SD 2.x 768: v)
+    "_class_name": "PNDMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+    "beta_schedule": "scaled_linear", "set_alpha_to_one": False, "steps_offset": 1, "skip_prk_steps": True,
+    "clip_sample": False, "prediction_type": "epsilon",
+}
+
+
+def _build(cls, config: dict, state_dict: dict, name: str):
+    """Instantiate without random init (meta device), then load every weight strictly (reverie's UNet and VAE
+    have no buffers outside their state dict, so nothing is left uninitialised)."""
+    with torch.device("meta"):
+        module = cls.from_config(config)
+    module.to_empty(device="cpu")
+    load_state_dict_strict(module, state_dict, name=name)
+    return module
+
+
+def _text_encoder(config: dict, state_dict: dict, tokenizer_dir) -> TextEncoder:
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    model = CLIPTextModel(CLIPTextConfig(**config))  # not on meta: its position_ids buffer must be initialised
+    own = model.state_dict()
+    prefixed = next(iter(own)).startswith("text_model.")  # transformers 4 nests CLIPTextModel, 5 does not
+    state_dict = {(k if prefixed else k.removeprefix("text_model.")): v for k, v in state_dict.items()}
+    state_dict = {k: own[k] for k in own if k.endswith("position_ids")} | state_dict  # optional in files
+    load_state_dict_strict(model, state_dict, name="text_encoder")
+    return TextEncoder(model.eval(), load_tokenizer(tokenizer_dir, config.get("max_position_embeddings", 77)))
+
+
+def load_folder(path: Path, *, allow_pickle: bool = False, tokenizer=None):
+    """(unet, vae, text_encoder, scheduler_config) from a diffusers pipeline folder."""
+    index = read_model_index(path)
+    missing = [name for name in REQUIRED if not (path / name).is_dir()]
+    if missing:
+        raise FormatError(f"{path}: not a text-to-image folder, missing {', '.join(missing)} "
+                          f"(model_index.json lists {', '.join(k for k in index if not k.startswith('_'))})")
+    unet = _build(UNet, read_config(path / "unet"), load_weights(path / "unet", allow_pickle=allow_pickle), "unet")
+    vae = _build(AutoencoderKL, read_config(path / "vae"), load_weights(path / "vae", allow_pickle=allow_pickle),
+                 "vae")
+    text_encoder = _text_encoder(read_config(path / "text_encoder"),
+                                 load_weights(path / "text_encoder", allow_pickle=allow_pickle),
+                                 tokenizer or path / "tokenizer")
+    scheduler_config = read_json(path / "scheduler" / "scheduler_config.json")
+    return unet, vae, text_encoder, scheduler_config
+
+
+def load_single_file(path: Path, *, allow_pickle: bool = False, tokenizer=None):
+    """(unet, vae, text_encoder, scheduler_config) from an SD 1.x/2.x single-file checkpoint."""
+    if tokenizer is None:
+        raise ValueError("tokenizer: single-file checkpoints contain no tokenizer; pass tokenizer=FOLDER (the "
+                         "tokenizer/ folder of a matching diffusers model)")
+    from .formats import split_ldm_checkpoint
+
+    state_dict = load_checkpoint(path, allow_pickle=allow_pickle)
+    configs, parts = infer_sd_configs(state_dict), split_ldm_checkpoint(state_dict)
+    missing = [name for name in ("unet", "vae", "text_encoder") if name not in parts]
+    if missing:
+        raise FormatError(f"{path}: the checkpoint has no {', '.join(missing)}")
+    unet = _build(UNet, configs["unet"], parts["unet"], "unet")
+    vae = _build(AutoencoderKL, configs["vae"], parts["vae"], "vae")
+    text_encoder = _text_encoder(configs["text_encoder"], parts["text_encoder"], tokenizer)
+    return unet, vae, text_encoder, dict(SD_SCHEDULER)
+
+
+def save_folder(pipe, path: Path, *, dtype=None) -> None:
+    """Write pipe as a diffusers StableDiffusionPipeline folder."""
+    path.mkdir(parents=True, exist_ok=True)
+    weights = "diffusion_pytorch_model.safetensors"
+    save_component(path / "unet", pipe.unet.state_dict(), pipe.unet.to_config(), weights, dtype)
+    save_component(path / "vae", pipe.vae.state_dict(), pipe.vae.to_config(), weights, dtype)
+    pipe.text_encoder.save_pretrained(path / "text_encoder", path / "tokenizer")
+    (path / "scheduler").mkdir(exist_ok=True)
+    write_json(path / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
+    tokenizer_class = type(pipe.text_encoder.tokenizer).__name__.removesuffix("Fast")
+    write_model_index(path, {
+        "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
+        "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", tokenizer_class),
+        "scheduler": ("diffusers", pipe.scheduler_config.get("_class_name", "DDIMScheduler")),
+        "safety_checker": None, "feature_extractor": None,
+    }, extra={"requires_safety_checker": False})

@@ -1,0 +1,275 @@
+"""CLIP text encoders: Stable Diffusion's (loaded from a diffusers folder) and small ones reverie trains.
+
+`TextEncoder` wraps a transformers `CLIPTextModel` (Radford et al. 2021, "Learning Transferable Visual Models
+From Natural Language Supervision") and its tokenizer. Prompts of at most `max_length - 2` tokens are encoded
+exactly as diffusers' `StableDiffusionPipeline.encode_prompt`; longer ones are split into chunks the way
+AUTOMATIC1111's stable-diffusion-webui does (modules/sd_hijack_clip.py), so nothing is truncated. The split is
+every 75 tokens, as in A1111 with "pad from the last comma within n tokens" set to 0 (its default, 20, moves
+a boundary back to a recent comma); A1111's (emphasis:1.2) weights are not parsed here.
+
+Tokenizer quirks to know:
+- SD 1.x (openai/clip-vit-large-patch14) pads with <|endoftext|> (id 49407, the same id as EOS); SD 2.x
+  (OpenCLIP ViT-H) pads with "!" (id 0). Chunks are always padded with the tokenizer's own pad token.
+- CLIP's tokenizer lowercases, collapses whitespace and makes every digit and every run of punctuation a
+  word of its own, so `decode` gives back lowercase text with single spaces between such words ("42!" -> "4 2 !").
+- diffusers applies `clip_skip` to the prompt only: its negative prompt always uses the last layer.
+  `encode` applies `clip_skip` to whatever it is given; pass `clip_skip=None` for negatives to match diffusers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from torch import Tensor, nn
+from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # CLIP's special tokens
+
+
+class TextEncoder(nn.Module):
+    """A CLIP text transformer plus its tokenizer: list of prompts -> (B, 77 * k, D) token embeddings."""
+
+    def __init__(self, text_model: CLIPTextModel, tokenizer):
+        super().__init__()
+        if not isinstance(text_model, CLIPTextModel):
+            raise ValueError(f"text_model must be a transformers CLIPTextModel, got {type(text_model).__name__}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(tokenizer, name, None) is None:
+                raise ValueError(f"tokenizer must define {name} (CLIP uses {BOS} / {EOS}), got None")
+        self.text_model = text_model
+        self.tokenizer = tokenizer
+
+    # ---------------------------------------------------------------- construction and saving
+
+    @classmethod
+    def from_pretrained(cls, text_encoder_dir, tokenizer_dir, *, device=None, dtype=None) -> TextEncoder:
+        """Load diffusers' `text_encoder/` (config.json + model.safetensors) and `tokenizer/` folders, offline.
+
+        Weights are read from safetensors only (never unpickled). The tokenizer folder may hold CLIPTokenizer
+        files (vocab.json + merges.txt, as in SD 1.x/2.x), anything transformers saved (tokenizer_config.json),
+        or a bare `tokenizer.json` written by the tokenizers library (CLIP special tokens assumed).
+        dtype=None loads in torch's default dtype (float32), whatever the checkpoint stores.
+        """
+        text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
+        weights = [text_encoder_dir / n for n in ("config.json", "model.safetensors", "model.safetensors.index.json")]
+        if not weights[0].is_file() or not (weights[1].is_file() or weights[2].is_file()):
+            raise ValueError(f"text_encoder_dir must hold config.json and model.safetensors (pickled .bin weights "
+                             f"are never loaded), got {str(text_encoder_dir)!r}")
+        text_model = CLIPTextModel.from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
+                                                   dtype=dtype)
+        tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
+        return cls(text_model.to(device).eval(), tokenizer)
+
+    def save_pretrained(self, text_encoder_dir, tokenizer_dir) -> None:
+        """Write diffusers' `text_encoder/` (config.json + model.safetensors) and `tokenizer/` folders.
+
+        Weights are stored under SD's key names ("text_model.embeddings...", as in openai/clip-vit-large-patch14),
+        which transformers 4 and 5 both load. transformers 5's own save would drop the "text_model." prefix for
+        a model built from scratch (it flattened CLIPTextModel), which transformers 4 cannot read.
+        """
+        path = Path(text_encoder_dir)
+        path.mkdir(parents=True, exist_ok=True)
+        self.text_model.config.save_pretrained(path)
+        weights = {k if k.startswith("text_model.") else f"text_model.{k}": v.detach().contiguous().cpu()
+                   for k, v in self.text_model.state_dict().items()}
+        save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+        save_tokenizer(self.tokenizer, tokenizer_dir)
+
+    @classmethod
+    def small(cls, tokenizer, hidden_size: int = 256, layers: int = 4, heads: int = 4,
+              max_length: int = 77) -> TextEncoder:
+        """A randomly initialised CLIP text transformer sized for training from scratch with `tokenizer`.
+
+        The tokenizer is adopted: its `model_max_length` is set to `max_length` so that diffusers, which pads
+        to `tokenizer.model_max_length`, never exceeds the position embeddings.
+        """
+        for name, value, low in (("hidden_size", hidden_size, 1), ("layers", layers, 1), ("heads", heads, 1),
+                                 ("max_length", max_length, 3)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        if hidden_size % heads:
+            raise ValueError(f"heads must divide hidden_size={hidden_size}, got {heads}")
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=4 * hidden_size,
+            num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=max_length,
+            projection_dim=hidden_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        tokenizer.model_max_length = max_length
+        return cls(CLIPTextModel(config), tokenizer)
+
+    # ---------------------------------------------------------------- properties
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text_model.config.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per chunk, BOS and EOS included (77 for SD): diffusers uses `tokenizer.model_max_length`."""
+        return min(int(self.tokenizer.model_max_length), self.text_model.config.max_position_embeddings)
+
+    @property
+    def final_layer_norm(self) -> nn.LayerNorm:
+        """CLIP's last LayerNorm: `text_model.final_layer_norm` in transformers 4, flattened in transformers 5."""
+        return getattr(self.text_model, "text_model", self.text_model).final_layer_norm
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_model.dtype
+
+    # ---------------------------------------------------------------- encoding
+
+    def tokenize(self, prompt: str | list[str]) -> Tensor:
+        """Prompts -> (B, k, max_length) token ids: BOS + up to max_length - 2 tokens + EOS, padded per chunk.
+
+        Every prompt gets the batch's largest chunk count k (at least 1); a chunk with no tokens left is
+        BOS + EOS + padding, i.e. the chunk of the empty prompt (A1111's behaviour).
+        """
+        prompts = _check_prompt(prompt)
+        # verbose=False: long prompts are chunked below, so transformers' "too long" warning does not apply.
+        ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
+        width = self.max_length - 2
+        chunks = max(1, max(math.ceil(len(row) / width) for row in ids))
+        tok = self.tokenizer
+        out = torch.full((len(prompts), chunks, self.max_length), tok.pad_token_id, dtype=torch.long)
+        for b, row in enumerate(ids):
+            for c in range(chunks):
+                piece = [tok.bos_token_id, *row[c * width:(c + 1) * width], tok.eos_token_id]
+                out[b, c, :len(piece)] = torch.tensor(piece, dtype=torch.long)
+        return out  # (B, k, max_length)
+
+    def encode_ids(self, ids: Tensor, clip_skip: int | None = None) -> Tensor:
+        """(B, k, L) chunked token ids -> (B, k * L, D): each chunk through the transformer on its own."""
+        if ids.ndim != 3 or ids.shape[-1] != self.max_length:
+            raise ValueError(f"ids must have shape (B, k, {self.max_length}), got {tuple(ids.shape)}")
+        layers = self.text_model.config.num_hidden_layers
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+                                      or not 0 <= clip_skip < layers):
+            raise ValueError(f"clip_skip must be None or an int in [0, {layers - 1}], got {clip_skip!r}")
+        B, k, L = ids.shape
+        flat = ids.reshape(B * k, L).to(self.device)  # (B*k, L)
+        # diffusers passes a padding mask only when the config asks for one (never for CLIP checkpoints).
+        mask = (_chunk_mask(flat, self.tokenizer) if getattr(self.text_model.config, "use_attention_mask", False)
+                else None)
+        if clip_skip is None:
+            hidden = self.text_model(flat, attention_mask=mask)[0]  # last_hidden_state, (B*k, L, D)
+        else:
+            # diffusers' encode_prompt: hidden_states[-(clip_skip + 1)] through the final LayerNorm.
+            states = self.text_model(flat, attention_mask=mask, output_hidden_states=True).hidden_states
+            hidden = self.final_layer_norm(states[-(clip_skip + 1)])
+        return hidden.to(self.dtype).reshape(B, k * L, -1)  # (B, k*L, D)
+
+    def encode(self, prompt: str | list[str], clip_skip: int | None = None) -> Tensor:
+        """Prompts -> (B, max_length * k, D) embeddings for cross-attention, the way SD pipelines condition.
+
+        clip_skip follows diffusers: None uses the last layer; n uses the output n layers before it, passed
+        through the final LayerNorm. A1111's "Clip skip 2" (and ComfyUI's CLIPSetLastLayer -2) is clip_skip=1
+        here; A1111's "Clip skip 1" is clip_skip=None. Gradients flow: wrap in torch.no_grad() for inference.
+        """
+        return self.encode_ids(self.tokenize(prompt), clip_skip)
+
+    def forward(self, prompt: str | list[str], clip_skip: int | None = None) -> Tensor:
+        return self.encode(prompt, clip_skip)
+
+
+def _chunk_mask(ids: Tensor, tokenizer) -> Tensor:
+    """(N, L) chunk ids -> (N, L) mask of BOS..EOS (padding after the first EOS is 0)."""
+    is_eos = (ids == tokenizer.eos_token_id).long()
+    before_eos = is_eos.cumsum(-1) - is_eos  # number of EOS strictly before each position
+    return (before_eos == 0).long()
+
+
+def _check_prompt(prompt) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
+        raise ValueError(f"prompt must be a str or a non-empty list of str, got {prompt!r:.80}")
+    return list(prompt)
+
+
+# -------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(tokenizer_dir, max_length: int = 77):
+    """Open a tokenizer folder offline: transformers-saved, CLIP vocab.json + merges.txt, or a bare tokenizer.json.
+
+    A folder without tokenizer_config.json carries no `model_max_length`, so `max_length` (the text encoder's
+    position count) is used, as SD's own tokenizer_config.json says 77.
+    """
+    path = Path(tokenizer_dir)
+    if (path / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return CLIPTokenizer.from_pretrained(path, local_files_only=True, model_max_length=max_length)
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), bos_token=BOS, eos_token=EOS,
+                                       pad_token=EOS, unk_token=EOS, model_max_length=max_length)
+    raise ValueError(f"tokenizer_dir must hold tokenizer_config.json, vocab.json + merges.txt or tokenizer.json, "
+                     f"got {str(path)!r}")
+
+
+def save_tokenizer(tokenizer, tokenizer_dir) -> None:
+    """transformers' save (tokenizer.json + tokenizer_config.json), plus CLIP's vocab.json + merges.txt for BPE
+    tokenizers so that transformers 4's Python CLIPTokenizer (the class SD's model_index.json names) opens it too."""
+    path = Path(tokenizer_dir)
+    tokenizer.save_pretrained(path)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and json.loads(backend.to_str())["model"]["type"] == "BPE":
+        backend.model.save(str(path))
+
+
+def train_bpe_tokenizer(texts, vocab_size: int, path, *, min_frequency: int = 2, max_length: int = 77) -> CLIPTokenizer:
+    """Train a byte-level BPE (Sennrich et al. 2016; GPT-2's byte alphabet) in CLIP's format and save it to `path`.
+
+    Uses CLIP's exact normaliser and pre-tokeniser (NFC, whitespace collapse, lowercase, CLIP's word regex,
+    byte-level symbols, "</w>" word-end suffix). The vocabulary is laid out as CLIP's: 256 bytes, 256 bytes
+    + "</w>", one token per merge, then <|startoftext|> and <|endoftext|>, so it needs vocab_size >= 514.
+    Returns a transformers `CLIPTokenizer` (pads with <|endoftext|>, like SD 1.x); the folder it writes
+    (vocab.json, merges.txt, tokenizer.json, tokenizer_config.json) opens with `CLIPTokenizer.from_pretrained`
+    and therefore in diffusers' tokenizer/ layout.
+    """
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 514:
+        raise ValueError(f"vocab_size must be an int >= 514 (512 byte symbols + 2 special tokens), got {vocab_size!r}")
+    texts = [] if isinstance(texts, str) else list(texts)  # a lone str would train on its characters
+    if not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a non-empty iterable of str (not a single str)")
+
+    clip_pipeline = CLIPTokenizer().backend_tokenizer  # CLIP's normaliser and pre-tokeniser, reused as is
+    bpe = Tokenizer(models.BPE(continuing_subword_prefix="", end_of_word_suffix="</w>"))
+    bpe.normalizer, bpe.pre_tokenizer = clip_pipeline.normalizer, clip_pipeline.pre_tokenizer
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  continuing_subword_prefix="", end_of_word_suffix="</w>")
+    bpe.train_from_iterator(texts, trainer)
+
+    byte_symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(byte_symbols + [s + "</w>" for s in byte_symbols])}
+    merges = []
+    for pair in json.loads(bpe.to_str())["model"]["merges"]:
+        left, right = pair.split(" ") if isinstance(pair, str) else pair
+        if len(vocab) >= vocab_size - 2:
+            break
+        merges.append((left, right))
+        vocab.setdefault(left + right, len(vocab))
+    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
+
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    save_tokenizer(tokenizer, path)
+    return tokenizer
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's 256 printable stand-ins for bytes (openai/gpt-2 encoder.py), in CLIP's vocab.json order:
+    the printable bytes as themselves, then the others mapped to chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]

@@ -1,0 +1,430 @@
+"""The Stable Diffusion denoising UNet, SD 1.x / 2.x layout (Rombach et al. 2022, "High-Resolution Image
+Synthesis with Latent Diffusion Models"; the UNet of Ho et al. 2020 with the transformer blocks of LDM).
+
+Config keys and parameter names are those of diffusers' UNet2DConditionModel, so a diffusers config.json
+builds the same network and its state dict loads with `load_state_dict(..., strict=True)`, no key map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..schedules import _check_choice
+from .layers import (Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, set_attention_slice,
+                     timestep_embedding)
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+
+# diffusers config keys for features reverie does not implement: the only value each may take.
+FIXED_KEYS = {
+    "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
+    "projection_class_embeddings_input_dim": None, "addition_embed_type": None, "addition_time_embed_dim": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
+    "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
+    "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
+    "time_cond_proj_dim": None, "reverse_transformer_layers_per_block": None, "attention_type": "default",
+    "cross_attention_norm": None,
+}
+# diffusers config keys that only matter for block types reverie does not build: any value is accepted.
+IGNORED_KEYS = ("mid_block_only_cross_attention", "addition_embed_type_num_heads")
+PER_BLOCK = ("only_cross_attention", "layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+             "attention_head_dim", "num_attention_heads")
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """diffusers' UNet2DConditionModel config (same names, same defaults). Per-block fields take one value
+    for all blocks or a tuple with one entry per down block (up blocks use them in reverse)."""
+
+    sample_size: int | tuple[int, int] | None = None  # latent size the model was trained at (informational)
+    in_channels: int = 4  # latent channels in; 9 for SD inpainting (latents + mask + masked-image latents)
+    out_channels: int = 4  # channels predicted (eps or v)
+    center_input_sample: bool = False  # feed 2 * sample - 1 instead of sample
+    flip_sin_to_cos: bool = True  # timestep embedding order [cos, sin] rather than [sin, cos]
+    freq_shift: float = 0  # frequency exponent divisor is (C0 / 2 - freq_shift)
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)  # in DOWN_BLOCK_TYPES
+    mid_block_type: str | None = "UNetMidBlock2DCrossAttn"  # in MID_BLOCK_TYPES (None: no mid block)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3  # in UP_BLOCK_TYPES
+    only_cross_attention: bool | tuple[bool, ...] = False  # per block: attn1 also attends to the text
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)  # channels of each resolution level
+    layers_per_block: int | tuple[int, ...] = 2  # per block: resnets per down block (up blocks get one more)
+    downsample_padding: int = 1  # padding of the stride-2 downsampling conv (0: pad right/bottom only)
+    mid_block_scale_factor: float = 1.0  # the mid block's resnets divide their output by this
+    dropout: float = 0.0  # dropout in resnets, attention outputs and feed-forwards
+    act_fn: str = "silu"  # "silu" (alias "swish"), the only activation of the SD UNet
+    norm_num_groups: int = 32  # GroupNorm groups; must divide every block_out_channels entry
+    norm_eps: float = 1e-5  # GroupNorm eps of resnets and the output norm (transformers use 1e-6)
+    cross_attention_dim: int | tuple[int, ...] = 1280  # per block: width of encoder_hidden_states (768 SD1, 1024 SD2)
+    transformer_layers_per_block: int | tuple[int, ...] = 1  # per block: BasicTransformerBlocks per transformer
+    # diffusers' naming quirk: attention_head_dim holds the NUMBER OF HEADS (head dim = channels // heads)
+    attention_head_dim: int | tuple[int, ...] = 8  # per block: heads, unless num_attention_heads is set
+    num_attention_heads: int | tuple[int, ...] | None = None  # per block: heads; overrides attention_head_dim
+    use_linear_projection: bool = False  # transformer proj_in/proj_out as Linear (SD2) rather than 1x1 conv (SD1)
+    upcast_attention: bool = False  # compute attention in float32 for half-precision inputs (SD 2.1 in fp16)
+    time_embedding_dim: int | None = None  # width of the time embedding; None: 4 * block_out_channels[0]
+    conv_in_kernel: int = 3  # kernel size of conv_in (odd)
+    conv_out_kernel: int = 3  # kernel size of conv_out (odd)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):  # JSON lists -> tuples, so configs compare and hash as values
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+        n = len(self.block_out_channels)
+        for name in ("down_block_types", "up_block_types"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} must have one entry per block_out_channels entry ({n}); "
+                                 f"got {getattr(self, name)!r}")
+        for i, kind in enumerate(self.down_block_types):
+            _check_choice(f"down_block_types[{i}]", kind, DOWN_BLOCK_TYPES)
+        for i, kind in enumerate(self.up_block_types):
+            _check_choice(f"up_block_types[{i}]", kind, UP_BLOCK_TYPES)
+        _check_choice("mid_block_type", self.mid_block_type, MID_BLOCK_TYPES)
+        _check_choice("act_fn", self.act_fn, ("silu", "swish"))
+        for name in PER_BLOCK:
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) != n:
+                raise ValueError(f"{name} must be one value or one per block ({n}); got {value!r}")
+        for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim", "heads"):
+            for v in self.per_block(name):
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    field = "attention_head_dim/num_attention_heads" if name == "heads" else name
+                    raise ValueError(f"{field} must be integers >= 1; got {v!r}")
+        groups = self.norm_num_groups
+        if not isinstance(groups, int) or groups < 1 or any(c % groups for c in self.block_out_channels):
+            raise ValueError(f"norm_num_groups must be an integer dividing every block_out_channels entry "
+                             f"{self.block_out_channels}; got {groups!r}")
+        for name in ("conv_in_kernel", "conv_out_kernel"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) % 2 != 1:
+                raise ValueError(f"{name} must be an odd integer; got {getattr(self, name)!r}")
+
+    def per_block(self, name: str) -> tuple:
+        """A per-block field (or "heads", the number of attention heads) as a tuple with one entry per block."""
+        if name == "heads":
+            name = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
+        value = getattr(self, name)
+        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
+        """From a diffusers UNet2DConditionModel config.json dict. Keys starting with "_" are ignored; a key for a
+        feature reverie lacks must hold its default, and an unknown key must be None or False."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key.startswith("_") or key in IGNORED_KEYS:
+                continue
+            if key in fields:
+                kwargs[key] = value
+            elif key in FIXED_KEYS:
+                if value != FIXED_KEYS[key]:
+                    raise ValueError(f"{key}={value!r} is not supported; the only supported value is "
+                                     f"{FIXED_KEYS[key]!r}")
+            elif value is not None and value is not False:
+                raise ValueError(f"unknown UNet config key {key}={value!r}; only None or False are accepted for "
+                                 f"keys reverie does not know")
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A diffusers UNet2DConditionModel config dict. The heads go in attention_head_dim, because diffusers
+        refuses num_attention_heads for this class."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["attention_head_dim"] = d["num_attention_heads"] or d["attention_head_dim"]
+        d["num_attention_heads"] = None
+        d = {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return {"_class_name": "UNet2DConditionModel", **d}
+
+
+class GEGLU(nn.Module):
+    """Linear -> (x, gate) -> x * GELU(gate) (Shazeer 2020, "GLU Variants Improve Transformer")."""
+
+    def __init__(self, dim: int, inner: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """The transformer MLP: GEGLU to 4 * dim, dropout, back to dim."""
+
+    def __init__(self, dim: int, dropout: float = 0.0, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, mult * dim), nn.Dropout(dropout), nn.Linear(mult * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-LayerNorm transformer layer on image tokens: self-attention, cross-attention to the text tokens,
+    GEGLU feed-forward, each with a residual connection (Vaswani et al. 2017; LDM, Rombach et al. 2022)."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, cross_attention_dim: int,
+                 only_cross_attention: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.only_cross_attention = only_cross_attention
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn1 = Attention(dim, cross_attention_dim if only_cross_attention else None, heads, dim_head,
+                               dropout=dropout)
+        self.norm2 = nn.LayerNorm(dim)
+        self.attn2 = Attention(dim, cross_attention_dim, heads, dim_head, dropout=dropout)
+        self.norm3 = nn.LayerNorm(dim)
+        self.ff = FeedForward(dim, dropout)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:  # x: (B, N, dim), context: (B, T, D)
+        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None)
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class Transformer2DModel(nn.Module):
+    """GroupNorm -> proj_in -> transformer layers over the H * W tokens -> proj_out, plus the input (LDM's
+    SpatialTransformer). proj_in/proj_out are 1x1 convs (SD1) or Linear layers (SD2)."""
+
+    def __init__(self, channels: int, heads: int, cross_attention_dim: int, num_layers: int = 1, groups: int = 32,
+                 use_linear_projection: bool = False, only_cross_attention: bool = False, dropout: float = 0.0):
+        super().__init__()
+        dim_head = channels // heads
+        inner = heads * dim_head  # == channels unless heads does not divide it (diffusers allows that)
+        self.use_linear_projection = use_linear_projection
+        self.norm = nn.GroupNorm(groups, channels, eps=1e-6)
+        proj = nn.Linear if use_linear_projection else (lambda i, o: nn.Conv2d(i, o, 1))
+        self.proj_in = proj(channels, inner)
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(inner, heads, dim_head, cross_attention_dim, only_cross_attention, dropout)
+            for _ in range(num_layers)])
+        self.proj_out = proj(inner, channels)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        B, _, H, W = x.shape
+        h = self.norm(x)
+        if not self.use_linear_projection:
+            h = self.proj_in(h)
+        h = h.permute(0, 2, 3, 1).reshape(B, H * W, -1)  # (B, HW, C)
+        if self.use_linear_projection:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear_projection:
+            h = self.proj_out(h)
+        h = h.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W), NCHW memory like x
+        if not self.use_linear_projection:
+            h = self.proj_out(h)
+        return h + x
+
+
+class DownBlock(nn.Module):
+    """One resolution level on the way down: resnets (each followed by a transformer in CrossAttnDownBlock2D),
+    then a stride-2 conv unless it is the last level. Returns the output and the skip tensors it leaves."""
+
+    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, num_layers: int,
+                 add_downsample: bool, transformer=None, groups: int = 32, eps: float = 1e-5,
+                 dropout: float = 0.0, downsample_padding: int = 1):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, temb_channels, groups, eps, dropout)
+            for j in range(num_layers)])
+        self.attentions = nn.ModuleList([transformer(out_channels) for _ in range(num_layers)]) if transformer else None
+        self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
+                             if add_downsample else None)
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+        skips = []
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, temb)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x, skips
+
+
+class MidBlock(nn.Module):
+    """The bottleneck: resnet, then (UNetMidBlock2DCrossAttn) transformer -> resnet; UNetMidBlock2D is one resnet."""
+
+    def __init__(self, channels: int, temb_channels: int, transformer=None, groups: int = 32, eps: float = 1e-5,
+                 dropout: float = 0.0, output_scale_factor: float = 1.0):
+        super().__init__()
+        n_attn = 1 if transformer else 0
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D(channels, channels, temb_channels, groups, eps, dropout, output_scale_factor)
+            for _ in range(1 + n_attn)])
+        self.attentions = nn.ModuleList([transformer(channels) for _ in range(n_attn)])
+
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> Tensor:
+        x = self.resnets[0](x, temb)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x, context), temb)
+        return x
+
+
+class UpBlock(nn.Module):
+    """One resolution level on the way up: each resnet takes the running tensor concatenated with a skip
+    (the last one pushed first), followed by a transformer in CrossAttnUpBlock2D; then 2x upsampling."""
+
+    def __init__(self, in_channels: int, prev_output_channel: int, out_channels: int, temb_channels: int,
+                 num_layers: int, add_upsample: bool, transformer=None, groups: int = 32, eps: float = 1e-5,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.resnets = nn.ModuleList([
+            ResnetBlock2D((prev_output_channel if j == 0 else out_channels)
+                          + (in_channels if j == num_layers - 1 else out_channels),
+                          out_channels, temb_channels, groups, eps, dropout)
+            for j in range(num_layers)])
+        self.attentions = nn.ModuleList([transformer(out_channels) for _ in range(num_layers)]) if transformer else None
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor,
+                upsample_size: tuple[int, int] | None = None) -> Tensor:
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
+            if self.attentions is not None:
+                x = self.attentions[j](x, context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x, upsample_size)
+        return x
+
+
+class UNet(nn.Module):
+    """The text-conditioned denoising UNet: net(sample, timestep, encoder_hidden_states) -> eps or v, shaped
+    like the sample (U-Net, Ronneberger et al. 2015; DDPM's version, Ho et al. 2020; with LDM's cross-attention
+    transformers, Rombach et al. 2022).
+
+        net = UNet(UNET_PRESETS["sd15"])  # or UNet.from_config(json.load(open("unet/config.json")))
+        net.load_state_dict(diffusers_state_dict)  # diffusers' names, no key map
+    """
+
+    def __init__(self, config: UNetConfig | None = None):
+        super().__init__()
+        c = self.config = config or UNetConfig()
+        chans, n = c.block_out_channels, len(c.block_out_channels)
+        layers, heads, depth, cross_dims, only_cross = (c.per_block(k) for k in (
+            "layers_per_block", "heads", "transformer_layers_per_block", "cross_attention_dim", "only_cross_attention"))
+        temb_dim = c.time_embedding_dim or 4 * chans[0]
+        norm = dict(groups=c.norm_num_groups, eps=c.norm_eps, dropout=c.dropout)
+
+        def transformer(i: int):  # Transformer2DModel factory for block i (of the down order)
+            return lambda channels: Transformer2DModel(channels, heads[i], cross_dims[i], depth[i], c.norm_num_groups,
+                                                       c.use_linear_projection, only_cross[i], c.dropout)
+
+        self.conv_in = nn.Conv2d(c.in_channels, chans[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
+        self.down_blocks = nn.ModuleList([
+            DownBlock(chans[max(i - 1, 0)], chans[i], temb_dim, layers[i], i < n - 1,
+                      transformer(i) if kind == "CrossAttnDownBlock2D" else None,
+                      downsample_padding=c.downsample_padding, **norm)
+            for i, kind in enumerate(c.down_block_types)])
+        self.mid_block = None if c.mid_block_type is None else MidBlock(
+            chans[-1], temb_dim, transformer(n - 1) if c.mid_block_type == "UNetMidBlock2DCrossAttn" else None,
+            output_scale_factor=c.mid_block_scale_factor, **norm)
+        self.up_blocks = nn.ModuleList([
+            UpBlock(chans[max(n - 2 - i, 0)], chans[min(n - i, n - 1)], chans[n - 1 - i], temb_dim,
+                    layers[n - 1 - i] + 1, i < n - 1,
+                    transformer(n - 1 - i) if kind == "CrossAttnUpBlock2D" else None, **norm)
+            for i, kind in enumerate(c.up_block_types)])
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chans[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(chans[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.upcast = c.upcast_attention
+
+    @classmethod
+    def from_config(cls, d: dict[str, Any]) -> "UNet":
+        """Build from a diffusers config.json dict (see UNetConfig.from_dict)."""
+        return cls(UNetConfig.from_dict(d))
+
+    def to_config(self) -> dict[str, Any]:
+        """A config dict that diffusers' UNet2DConditionModel.from_config accepts."""
+        return self.config.to_dict()
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute attention `slice_size` (batch x head) slices at a time to bound memory; None turns it off."""
+        set_attention_slice(self, slice_size)
+
+    def _timesteps(self, timestep, sample: Tensor) -> Tensor:
+        """Number, 0-d or (B,) tensor, int or float -> (B,) timesteps on the sample's device."""
+        t = torch.as_tensor(timestep, device=sample.device)
+        t = t[None] if t.ndim == 0 else t
+        if t.ndim != 1 or len(t) not in (1, len(sample)):
+            raise ValueError(f"timestep must be a number, a 0-d tensor or a (B,) tensor with B={len(sample)}; "
+                             f"got shape {tuple(t.shape)}")
+        return t.expand(len(sample))
+
+    def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
+                down_block_additional_residuals: Sequence[Tensor] | None = None,
+                mid_block_additional_residual: Tensor | None = None) -> Tensor:
+        """sample (B, in_channels, H, W), timestep (B,) or scalar (fractional allowed), encoder_hidden_states
+        (B, T, cross_attention_dim) -> (B, out_channels, H, W).
+
+        The additional residuals are ControlNet's outputs: one tensor per skip connection, added to the skips,
+        and one added to the mid block's output. (diffusers applies them only when both are given; here each
+        applies on its own.)"""
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(f"sample must be (B, in_channels={c.in_channels}, H, W); got {tuple(sample.shape)}")
+        t = self._timesteps(timestep, sample)
+        # the sinusoidal embedding is computed in float32 (fractional timesteps near 1000), then cast
+        temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)  # (B, C0)
+        temb = self.time_embedding(temb.to(sample.dtype))  # (B, temb_dim)
+        if c.center_input_sample:
+            sample = 2 * sample - 1.0
+        context = encoder_hidden_states  # (B, T, D)
+
+        h = self.conv_in(sample)  # (B, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb, context)
+            skips += block_skips
+        if down_block_additional_residuals is not None:
+            if len(down_block_additional_residuals) != len(skips):
+                raise ValueError(f"down_block_additional_residuals must hold one tensor per skip connection "
+                                 f"({len(skips)}); got {len(down_block_additional_residuals)}")
+            skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if self.mid_block is not None:
+            h = self.mid_block(h, temb, context)
+        if mid_block_additional_residual is not None:
+            h = h + mid_block_additional_residual
+
+        # odd latent sizes: upsample to each skip's size rather than exactly 2x
+        factor = 2 ** sum(b.upsamplers is not None for b in self.up_blocks)
+        exact = sample.shape[-2] % factor == 0 and sample.shape[-1] % factor == 0
+        for block in self.up_blocks:
+            n = len(block.resnets)
+            block_skips, skips = skips[-n:], skips[:-n]
+            size = None if exact or block.upsamplers is None else tuple(skips[-1].shape[-2:])
+            h = block(h, block_skips, temb, context, size)
+        return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+
+
+SD1_BLOCKS = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+UNET_PRESETS: dict[str, UNetConfig] = {
+    # tests: two levels, attention at the first, 200,644 parameters
+    "tiny": UNetConfig(sample_size=16, block_out_channels=(16, 32), layers_per_block=1,
+                       down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                       cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8),
+    # the SD layout at a size one can train on a CPU (32x32 latents, 256-wide text features): 6,105,348 parameters
+    "small": UNetConfig(sample_size=32, block_out_channels=(64, 128, 128), layers_per_block=1,
+                        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                        cross_attention_dim=256, attention_head_dim=4),
+    # runwayml/stable-diffusion-v1-5 (and 1.4): 859,520,964 parameters
+    "sd15": UNetConfig(sample_size=64, cross_attention_dim=768, attention_head_dim=8, **SD1_BLOCKS),
+    # stabilityai/stable-diffusion-2-1 (768-v): OpenCLIP-H text features, 64-dim heads, linear projections,
+    # upcast attention (it overflows in fp16 otherwise): 865,910,724 parameters
+    "sd21": UNetConfig(sample_size=96, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                       use_linear_projection=True, upcast_attention=True, **SD1_BLOCKS),
+}
