@@ -98,10 +98,9 @@ def test_ldm_round_trip_is_exact(sd):
     assert key in ldm
 
 
+@pytest.mark.parametrize("sd", ["sd1"], indirect=True)  # HF CLIP naming is SD 1.x's
 def test_sd1_text_encoder_with_or_without_text_model_level_and_old_position_ids(sd):
     version, _, states, ldm = sd
-    if version != "sd1":
-        pytest.skip("HF CLIP naming is SD 1.x's")
     prefix = "cond_stage_model.transformer."
     flat = {k.replace(prefix + "text_model.", prefix): v for k, v in ldm.items()}
     assert flat.keys() != ldm.keys()
