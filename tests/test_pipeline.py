@@ -144,3 +144,29 @@ def test_bad_requests_name_the_field(pipes, kwargs, field):
     kwargs = {"prompt": "a photo of a cat", "width": 32, "height": 32, "steps": 2, **kwargs}
     with pytest.raises(ValueError, match=field):
         pipe(kwargs.pop("prompt"), progress=False, **kwargs)
+
+
+def test_generate_command_writes_the_same_image(pipes, tmp_path, capsys):
+    from PIL import Image
+
+    from reverie.cli import main
+
+    _, pipe, tmp = pipes
+    out = tmp_path / "out.png"
+    assert main(["generate", "a photo of a cat", "--model", str(tmp / "sd"), "--steps", "3", "--width", "32",
+                 "--height", "32", "--seed", "7", "--sampler", "Euler a", "--out", str(out)]) == 0
+    expected, _ = ours(pipe, "Euler a", "a photo of a cat", None, 7, steps=3)
+    assert np.array_equal(np.asarray(Image.open(out), dtype=np.float64), expected[0])
+    assert main(["generate", "x", "--model", str(tmp / "sd"), "--width", "31"]) == 2
+    assert "width must be a multiple" in capsys.readouterr().err
+
+
+def test_offload_and_bfloat16(pipes):
+    _, pipe, tmp = pipes
+    base, _ = ours(pipe, "euler", "a photo of a cat", None, 4)
+    offloaded = Pipeline.from_pretrained(tmp / "sd", offload=True)
+    assert np.array_equal(ours(offloaded, "euler", "a photo of a cat", None, 4)[0], base)
+    half = Pipeline.from_pretrained(tmp / "sd", dtype=torch.bfloat16)
+    assert next(half.unet.parameters()).dtype == torch.bfloat16
+    low, _ = ours(half, "euler", "a photo of a cat", None, 4)
+    assert np.abs(low - base).mean() < 12  # bf16 has 8 mantissa bits: close, not equal
