@@ -64,6 +64,14 @@ def _report(callback, i, x, sigma, sigma_next, denoised):
         callback(StepInfo(i, x, float(sigma), float(sigma_next), denoised))
 
 
+def _evaluate(denoiser, x, sigmas, i, callback):
+    """The denoiser at step i, reported to the callback: (sigma, sigma_next, denoised)."""
+    sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+    denoised = denoiser(x, _s(x, sigma))
+    _report(callback, i, x, sigma, sigma_next, denoised)
+    return sigma, sigma_next, denoised
+
+
 def _d(x, sigma, denoised):
     """dx/dsigma of the probability-flow ODE in the VE convention (Karras et al. 2022, eq. 4)."""
     return (x - denoised) / sigma
@@ -106,9 +114,7 @@ def euler(denoiser, x, sigmas, *, generator=None, callback=None, s_churn=0.0, s_
 def euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None, eta=1.0, s_noise=1.0):
     """Ancestral sampling with Euler steps (k-diffusion); eta=1 is DDPM's posterior, eta=0 is Euler."""
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         sigma_down, sigma_up = _ancestral(sigma, sigma_next, eta)
         x = x + _d(x, sigma, denoised) * (sigma_down - sigma)
         if sigma_up > 0:
@@ -120,9 +126,7 @@ def euler_ancestral(denoiser, x, sigmas, *, generator=None, callback=None, eta=1
 def ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=0.0):
     """DDIM (Song et al. 2021, eq. 12) written in alphabar, stepping between the VE levels of `sigmas`."""
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         a_t, a_prev = 1 / (1 + sigma**2), 1 / (1 + sigma_next**2)  # alphabar at both levels
         eps = (x - denoised) / sigma
         std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5  # eq. 16
@@ -143,9 +147,7 @@ def ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
 def heun(denoiser, x, sigmas, *, generator=None, callback=None):
     """Heun's second-order method (Karras et al. 2022, Algorithm 1); the last step to sigma=0 is Euler."""
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         d = _d(x, sigma, denoised)
         x_euler = x + d * (sigma_next - sigma)
         if sigma_next == 0:
@@ -176,9 +178,7 @@ def lms(denoiser, x, sigmas, *, generator=None, callback=None, order=4):
     sigmas_np = sigmas.double().cpu().numpy()
     ds = []
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         ds = [_d(x, sigma, denoised)] + ds[: order - 1]  # newest first
         cur = len(ds)
         x = x + sum(_lms_coefficient(sigmas_np, i, j, cur) * d for j, d in enumerate(ds))
@@ -187,35 +187,19 @@ def lms(denoiser, x, sigmas, *, generator=None, callback=None, order=4):
 
 @register("dpmpp_2m", family="multistep")
 def dpmpp_2m(denoiser, x, sigmas, *, generator=None, callback=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2), in the data prediction form; first order at the
-    first step and at the step to sigma=0."""
-    old_denoised, h_last = None, None
-    for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
-        if sigma_next == 0:
-            x = denoised
-            continue
-        h = math.log(sigma / sigma_next)  # lambda = -log sigma
-        if old_denoised is None:
-            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised
-        else:
-            r = h_last / h
-            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (sigma_next / sigma) * x - math.expm1(-h) * denoised_d
-        old_denoised, h_last = denoised, h
-    return x
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): the noise-free (eta=0) case of dpmpp_2m_sde; first
+    order at the first step and at the step to sigma=0."""
+    return dpmpp_2m_sde(denoiser, x, sigmas, generator=generator, callback=callback, eta=0.0)
 
 
 @register("dpmpp_2m_sde", family="multistep")
 def dpmpp_2m_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta=1.0, s_noise=1.0):
-    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022; diffusers' "sde-dpmsolver++")."""
+    """DPM-Solver++(2M) SDE, midpoint variant (Lu et al. 2022; diffusers' "sde-dpmsolver++"). In the data
+    prediction form with lambda = -log sigma: a first-order exponential-integrator step, plus the midpoint
+    correction 0.5 (D - D_prev) / r from the previous x0 estimate, plus fresh noise when eta > 0."""
     old_denoised, h_last = None, None
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if sigma_next == 0:
             x = denoised
             continue
@@ -267,9 +251,7 @@ def dpmpp_sde(denoiser, x, sigmas, *, generator=None, callback=None, eta=1.0, s_
     """DPM-Solver++ (stochastic, 2 evaluations a step; k-diffusion's sample_dpmpp_sde) with Brownian noise."""
     brownian = BrownianNoise(x, generator)
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if sigma_next == 0:
             x = x + _d(x, sigma, denoised) * (sigma_next - sigma)
             continue
@@ -338,9 +320,7 @@ def unipc(denoiser, x, sigmas, *, generator=None, callback=None, order=2, varian
     n = len(sigmas) - 1
     history, last_x, last_order = [], None, 0
     for i in range(n):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         if corrector and last_x is not None:
             x = _unipc_update(last_x, history[-1][0], sigma, history, last_order, variant, denoised)
         history = (history + [(sigma, denoised)])[-order:]
@@ -357,9 +337,7 @@ def euler_flow(denoiser, x, sigmas, *, generator=None, callback=None):
     if sigmas[0] > 1:
         raise ValueError(f"sigmas for euler_flow are flow times in [0, 1]; got sigmas[0]={sigmas[0].item()}")
     for i in range(len(sigmas) - 1):
-        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
-        denoised = denoiser(x, _s(x, sigma))
-        _report(callback, i, x, sigma, sigma_next, denoised)
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
         velocity = (x - denoised) / sigma  # = eps_hat - x0_hat
         x = x + velocity * (sigma_next - sigma)
     return x
