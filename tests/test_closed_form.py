@@ -107,17 +107,6 @@ def closed_form_gaussian_flow(mu, U, lam, x, sigma_from):
 # --- fixtures -----------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Run this module's small tensor ops on one thread, restoring the setting afterwards: on a busy 2-core
-    machine torch's two intra-op threads spin-wait on each other and made this file ~10x slower (2 min vs
-    11 s, measured under load); unloaded, one thread is as fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def mixture():
     return two_moons_mixture()

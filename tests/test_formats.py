@@ -27,15 +27,6 @@ UNET_CONFIGS = {  # tiny, but with the real layouts' variety: 3 vs 2 blocks, 2 v
 TEXT_FORMAT = {"sd1": "clip", "sd2": "open_clip"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second intra-op thread only spins; on a busy machine it costs 100x (7 s vs 0.06 s a UNet call)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def text_config(version, layers=2):
     from transformers import CLIPTextConfig
     return CLIPTextConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=layers, num_attention_heads=1,

@@ -42,7 +42,7 @@ def test_batch_with_one_generator_per_item_equals_items_alone(name):
 
 @pytest.mark.parametrize("name", VE_SAMPLERS)
 def test_callback_reports_every_step(name):
-    steps, seen = [], []
+    seen = []
     sigmas = schedules.karras(6, 0.01, 20.0)
     SAMPLERS[name](GM, torch.zeros(2, 2, dtype=torch.float64), sigmas, generator=torch.Generator().manual_seed(0),
                    callback=seen.append)

@@ -21,15 +21,6 @@ SD2_STYLE = UNetConfig(**{**TINY, "block_out_channels": (16, 32, 32), "layers_pe
                        attention_head_dim=(1, 2, 4), use_linear_projection=True, transformer_layers_per_block=(1, 2, 1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine idle OpenMP threads spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @functools.lru_cache(maxsize=None)
 def pair(config: UNetConfig, seed: int = 0):
     """diffusers' model with every parameter randomised (norm weights and biases included), and reverie's

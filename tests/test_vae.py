@@ -18,15 +18,6 @@ VARIANT = dataclasses.replace(F4, layers_per_block=2, latent_channels=3, mid_blo
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny convolutions are fastest single-threaded, and far slower with 2 threads on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def pair(cfg: VAEConfig, seed: int = 0):
     """A diffusers AutoencoderKL with random weights (norms and biases too) and ours loaded from it."""
     theirs = diffusers.AutoencoderKL.from_config(AutoencoderKL(cfg).to_config()).eval()
