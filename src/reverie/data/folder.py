@@ -79,7 +79,7 @@ class FolderDataset(Dataset):
             try:
                 with Image.open(path) as image:
                     image.load()
-            except Exception as error:  # any decoder error: PIL raises OSError, SyntaxError, ValueError, ...
+            except Exception as error:  # noqa: BLE001 - decoders raise OSError, SyntaxError, struct.error, ...
                 log.warning("skipping unreadable image %s: %s", path, error)
                 self.skipped_files.append(path)
                 continue

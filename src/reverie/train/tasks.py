@@ -1,0 +1,434 @@
+"""What a run trains: the VAE, or a latent denoiser (with its text encoder, jointly or frozen).
+
+A task builds the modules, turns data-set items into the inputs of one micro-batch, and knows how to draw a
+sample grid and export the result. The trained modules sit in one `objective` module whose forward returns the
+per-item loss, so the loop can wrap it in DistributedDataParallel and average it without knowing what it is.
+
+Every random draw of an item (posterior sample, timestep, noise, offset noise, caption dropout) comes from that
+item's own generator (optim.item_generator), so a batch gives the same numbers however it is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ..denoisers import DiscreteDenoiser
+from ..formats import (
+    load_safetensors,
+    load_state_dict_strict,
+    load_weights,
+    read_config,
+    save_component,
+    save_safetensors,
+)
+from ..models.unet import UNET_PRESETS, UNet
+from ..models.vae import VAE_PRESETS, AutoencoderKL
+from ..schedules import DiscreteSchedule
+from .checkpoint import latest_checkpoint
+from .config import Config
+from .optim import item_generator
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+ENCODE_CHUNK = 16  # images per VAE forward when caching latents (fixed, so the cache is the same every time)
+
+
+# ------------------------------------------------------------------------------------------------ objectives
+
+
+class VAEObjective(nn.Module):
+    """Per-item autoencoder loss: mean pixel error (L1 or L2) of a reconstruction from a posterior sample, plus
+    kl_weight * KL(q(z|x) || N(0, I)) / pixels. LDM sums both terms over pixels (Rombach et al. 2022, appendix G);
+    dividing both by the pixel count keeps its kl_weight (1e-6) meaningful."""
+
+    def __init__(self, vae: AutoencoderKL, recon_loss: str = "l1", kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae, self.recon_loss, self.kl_weight = vae, recon_loss, kl_weight
+
+    def forward(self, images: Tensor, eps: Tensor) -> Tensor:  # images (B, 3, H, W), eps (B, C, h, w)
+        posterior = self.vae.encode(images)
+        reconstruction = self.vae.decode(posterior.mean + posterior.std * eps)
+        diff = reconstruction.float() - images.float()
+        error = (diff.abs() if self.recon_loss == "l1" else diff**2).flatten(1).mean(1)  # (B,)
+        return error + self.kl_weight * posterior.kl().float() / images[0].numel()
+
+
+class DiffusionObjective(nn.Module):
+    """Per-item latent-diffusion loss of DiscreteDenoiser.loss; holds the text encoder when it is trained."""
+
+    def __init__(self, unet: UNet, schedule: DiscreteSchedule, min_snr_gamma: float | None, text_encoder=None):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.schedule, self.min_snr_gamma = schedule, min_snr_gamma
+
+    def forward(self, latents: Tensor, t: Tensor, noise: Tensor, ids: Tensor | None = None,
+                context: Tensor | None = None) -> Tensor:
+        if self.text_encoder is not None:
+            context = self.text_encoder.encode_ids(ids)  # (B, L, D)
+        denoiser = DiscreteDenoiser(self.unet, self.schedule)
+        return denoiser.loss(latents, t=t, noise=noise, min_snr_gamma=self.min_snr_gamma,
+                             encoder_hidden_states=context)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def check_item(item, index: int = 0) -> tuple[int, int]:
+    """(H, W) of a data-set item, or a ValueError saying what the data interface must return."""
+    image = item.get("image") if isinstance(item, dict) else None
+    if not (isinstance(image, Tensor) and image.is_floating_point() and image.ndim == 3 and image.shape[0] == 3):
+        raise ValueError(f"data set item {index}: expected a dict with 'image' a float tensor (3, H, W) in [-1, 1] "
+                         f"and 'caption' a str; got {type(item).__name__} with image "
+                         f"{getattr(image, 'shape', type(image).__name__)}")
+    if not isinstance(item.get("caption"), str):
+        raise ValueError(f"data set item {index}: 'caption' must be a str; got {type(item.get('caption')).__name__}")
+    return tuple(image.shape[1:])
+
+
+def stack_images(dataset, indices: list[int]) -> Tensor:
+    return torch.stack([dataset[i]["image"].float() for i in indices])  # (B, 3, H, W)
+
+
+def save_png_atomic(image, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def grid(images: list, columns: int):
+    from PIL import Image
+
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (columns * w, rows * h))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % columns) * w, (i // columns) * h))
+    return out
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place, replacing an older one (export folders)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{secrets.token_hex(4)}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def load_frozen_vae(path: str) -> AutoencoderKL:
+    """A trained VAE from: a vae run's output dir (its exported model/vae, else its latest checkpoint's EMA), a
+    vae/ component folder (config.json + safetensors), a diffusers pipeline folder, or a checkpoint directory."""
+    p = Path(path)
+    if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "model" / "vae").is_dir():
+        p = latest_checkpoint(p / "checkpoints") or p
+    for folder in (p / "model" / "vae", p / "vae", p):
+        if (folder / "config.json").is_file():
+            vae = AutoencoderKL.from_config(read_config(folder))
+            load_state_dict_strict(vae, load_weights(folder), name="vae")
+            return vae
+    if (p / "state.json").is_file() and (p / "ema.safetensors").is_file():  # a training checkpoint of a vae run
+        config = json.loads((p / "state.json").read_text())["config"]
+        if config["model"]["kind"] != "vae":
+            raise ValueError(f"model.vae_path: {p} is a checkpoint of a {config['model']['kind']} run, not a vae run")
+        vae = AutoencoderKL(VAE_PRESETS[config["model"]["vae_preset"]])
+        ema = load_safetensors(p / "ema.safetensors")
+        load_state_dict_strict(vae, {k.removeprefix("vae."): v for k, v in ema.items()}, name="vae")
+        return vae
+    raise ValueError(f"model.vae_path: no VAE at {path!r}; give a vae run's output dir, a vae/ component folder "
+                     f"(config.json + {WEIGHTS}), a diffusers pipeline folder or a vae run's checkpoint directory")
+
+
+def fingerprint(vae: nn.Module, config: Config, length: int) -> str:
+    """Names a latent cache: the VAE's weights, the data settings and the data-set length."""
+    h = hashlib.sha256(json.dumps([config.data.name, config.data.options, length], sort_keys=True,
+                                  default=str).encode())
+    for name, t in vae.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+
+
+class VAETask:
+    """Train an AutoencoderKL from scratch on the data set's images."""
+
+    kind = "vae"
+
+    def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
+        self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
+        preset = config.model.vae_preset
+        if preset not in VAE_PRESETS:
+            raise ValueError(f"model.vae_preset must be one of {', '.join(VAE_PRESETS)}; got {preset!r}")
+        torch.manual_seed(config.train.seed)
+        self.vae = AutoencoderKL(VAE_PRESETS[preset])
+        h, w = check_item(dataset[0])
+        f = self.vae.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f} "
+                             f"(model.vae_preset={preset!r})")
+        self.latent_shape = (self.vae.config.latent_channels, h // f, w // f)
+        self.objective = VAEObjective(self.vae, config.train.recon_loss, config.train.kl_weight).to(dist.device)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.objective.parameters()), "lr": self.config.optim.lr}]
+
+    def inputs(self, step: int, items: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """items: (slot in the global batch, data-set index)."""
+        eps = torch.cat([torch.randn((1, *self.latent_shape), generator=item_generator(self.config.train.seed,
+                                                                                        step, slot))
+                         for slot, _ in items])
+        images = stack_images(self.dataset, [i for _, i in items])
+        return {"images": images.to(self.dist.device), "eps": eps.to(self.dist.device)}
+
+    @torch.no_grad()
+    def sample(self, ema_objective: VAEObjective, path: Path) -> None:
+        """Originals (top row) and the EMA model's reconstructions (posterior mode, bottom row)."""
+        from ..pipeline import to_pil
+
+        n = min(self.config.log.sample_count, len(self.dataset))
+        images = stack_images(self.dataset, list(range(n))).to(self.dist.device)
+        vae = ema_objective.vae
+        reconstructions = vae.decode(vae.encode(images).mode())
+        save_png_atomic(grid(to_pil(images) + to_pil(reconstructions), n), path)
+
+    @torch.no_grad()
+    def export(self, ema_objective: VAEObjective, path: Path) -> Path:
+        """The EMA VAE as a diffusers vae/ component folder, its scaling_factor measured as 1 / std of the
+        latents of (up to 256 of) the training images, as LDM/SD chose theirs (Rombach et al. 2022, D.1)."""
+        vae = ema_objective.vae
+        n = min(256, len(self.dataset))
+        latents = torch.cat([vae.encode(stack_images(self.dataset, list(range(i, min(n, i + ENCODE_CHUNK))))
+                                        .to(self.dist.device)).mode().float().cpu()
+                             for i in range(0, n, ENCODE_CHUNK)])
+        config = vae.to_config()
+        config["scaling_factor"] = float(1 / latents.std()) if n > 1 and latents.std() > 0 else vae.scaling_factor
+        dtype = getattr(torch, self.config.train.export_dtype)
+        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        save_component(tmp / "vae", vae.state_dict(), config, WEIGHTS, dtype)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp, path)
+        return path / "vae"
+
+
+class UNetTask:
+    """Train a text-conditioned UNet in the latent space of a frozen VAE; the text encoder is loaded (frozen or
+    trained) or built from scratch with a BPE tokenizer trained on the data set's captions."""
+
+    kind = "unet"
+
+    def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
+        from ..models.text import TextEncoder, load_tokenizer, train_bpe_tokenizer
+
+        self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
+        m, device = config.model, dist.device
+        if not m.vae_path:
+            raise ValueError("model.vae_path: a unet run needs the frozen VAE it trains in (a vae run's output "
+                             "dir, a vae/ component folder or a diffusers pipeline folder)")
+        if m.unet_preset not in UNET_PRESETS:
+            raise ValueError(f"model.unet_preset must be one of {', '.join(UNET_PRESETS)}; got {m.unet_preset!r}")
+        if not m.text_encoder_path and not m.train_text_encoder:
+            raise ValueError("model.train_text_encoder must be true when the text encoder starts from scratch "
+                             "(model.text_encoder_path is empty)")
+        self.vae = load_frozen_vae(m.vae_path).to(device).eval().requires_grad_(False)
+        h, w = check_item(dataset[0])
+        f = self.vae.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f}")
+        self.latent_shape = (self.vae.config.latent_channels, h // f, w // f)
+        linear = m.beta_schedule == "linear"
+        self.scheduler_config = {
+            "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": m.beta_schedule,
+            "beta_start": 0.0001 if linear else 0.00085, "beta_end": 0.02 if linear else 0.012,
+            "prediction_type": m.prediction, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+            "timestep_spacing": "trailing" if m.zero_terminal_snr else "leading",
+            "rescale_betas_zero_snr": m.zero_terminal_snr}
+        self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
+
+        # the data pass: captions (for a new tokenizer) and the latent cache, done by rank 0, read by all
+        self.captions, self.moments = None, None
+        cache = None
+        if config.data.cache_latents:
+            cache = out_dir / "cache" / f"latents-{fingerprint(self.vae, config, len(dataset))}.safetensors"
+        tokenizer_dir = out_dir / "tokenizer"
+        new_tokenizer = not m.text_encoder_path and not resume
+        if dist.is_main:
+            if cache is not None and not cache.is_file():
+                self._write_cache(cache)
+            if new_tokenizer:
+                captions = self._read_cache(cache)[2] if cache is not None else self._scan(images=False)[2]
+                train_bpe_tokenizer(captions, m.vocab_size, tokenizer_dir, max_length=m.text_max_length)
+        dist.barrier()
+        if cache is not None:
+            mean, std, self.captions = self._read_cache(cache)
+            self.moments = (mean, std)
+
+        torch.manual_seed(config.train.seed)
+        if m.text_encoder_path:
+            te_root = Path(m.text_encoder_path)
+            self.text_encoder = TextEncoder.from_pretrained(te_root / "text_encoder", te_root / "tokenizer")
+        else:
+            if not (tokenizer_dir / "vocab.json").is_file():
+                raise ValueError(f"{tokenizer_dir}: the run's tokenizer is missing (it is trained on a fresh run)")
+            tokenizer = load_tokenizer(tokenizer_dir, m.text_max_length)
+            self.text_encoder = TextEncoder.small(tokenizer, m.text_hidden_size, m.text_layers, m.text_heads,
+                                                  m.text_max_length)
+        self.text_encoder.to(device)
+        self.train_text_encoder = m.train_text_encoder
+        if not self.train_text_encoder:
+            self.text_encoder.eval().requires_grad_(False)
+        unet_config = dataclasses.replace(UNET_PRESETS[m.unet_preset], in_channels=self.latent_shape[0],
+                                          out_channels=self.latent_shape[0], sample_size=self.latent_shape[1],
+                                          cross_attention_dim=self.text_encoder.hidden_size)
+        self.unet = UNet(unet_config)
+        self.objective = DiffusionObjective(self.unet, self.schedule, config.train.min_snr_gamma,
+                                            self.text_encoder if self.train_text_encoder else None).to(device)
+        self._ids: dict[str, Tensor] = {}
+
+    # --- the data pass and the latent cache ----------------------------------------------------------------
+
+    def _scan(self, images: bool):
+        """One pass over the data set: posterior (mean, std) of every image if `images`, and every caption."""
+        from tqdm.auto import tqdm
+
+        means, stds, captions = [], [], []
+        n = len(self.dataset)
+        bar = tqdm(total=n, desc="reading the data set", disable=not self.config.log.progress, leave=False)
+        for start in range(0, n, ENCODE_CHUNK):
+            items = [self.dataset[i] for i in range(start, min(n, start + ENCODE_CHUNK))]
+            for k, item in enumerate(items):
+                check_item(item, start + k)
+            captions += [item["caption"] for item in items]
+            if images:
+                with torch.no_grad():
+                    posterior = self.vae.encode(torch.stack([it["image"].float() for it in items]).to(self.dist.device))
+                means.append(posterior.mean.float().cpu())
+                stds.append(posterior.std.float().cpu())
+            bar.update(len(items))
+        bar.close()
+        return (torch.cat(means), torch.cat(stds), captions) if images else (None, None, captions)
+
+    def _write_cache(self, path: Path) -> None:
+        mean, std, captions = self._scan(images=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors({"mean": mean, "std": std}, path, metadata={"captions": json.dumps(captions)})
+
+    @staticmethod
+    def _read_cache(path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            captions = json.loads(f.metadata()["captions"])
+        tensors = load_safetensors(path)
+        return tensors["mean"], tensors["std"], captions
+
+    # --- training --------------------------------------------------------------------------------------------
+
+    def param_groups(self) -> list[dict]:
+        o = self.config.optim
+        groups = [{"params": list(self.unet.parameters()), "lr": o.lr}]
+        if self.train_text_encoder:
+            groups.append({"params": list(self.text_encoder.parameters()),
+                           "lr": o.lr if o.text_lr is None else o.text_lr})
+        return groups
+
+    def _token_ids(self, captions: list[str]) -> Tensor:
+        """(B, 1, L) ids: the first 77-token chunk, so an item's ids never depend on the rest of its batch."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._ids]
+        if missing:
+            for c, ids in zip(missing, self.text_encoder.tokenize(missing)[:, :1]):
+                self._ids[c] = ids
+        return torch.stack([self._ids[c] for c in captions])
+
+    def inputs(self, step: int, items: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """items: (slot in the global batch, data-set index)."""
+        t_cfg, shape, T = self.config.train, self.latent_shape, self.schedule.num_train_timesteps
+        ts, noises, offsets, eps, drops = [], [], [], [], []
+        for slot, _ in items:  # a fixed order of draws per item
+            g = item_generator(t_cfg.seed, step, slot)
+            ts.append(torch.randint(0, T, (1,), generator=g))
+            noises.append(torch.randn((1, *shape), generator=g))
+            offsets.append(torch.randn((1, shape[0], 1, 1), generator=g))
+            eps.append(torch.randn((1, *shape), generator=g))
+            drops.append(torch.rand((1,), generator=g))
+        indices = [i for _, i in items]
+        if self.moments is not None:
+            mean, std = self.moments[0][indices], self.moments[1][indices]
+            captions = [self.captions[i] for i in indices]
+        else:
+            batch = [self.dataset[i] for i in indices]
+            captions = [item["caption"] for item in batch]
+            with torch.no_grad():
+                posterior = self.vae.encode(torch.stack([it["image"].float() for it in batch]).to(self.dist.device))
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+        z = mean + std * torch.cat(eps)
+        latents = (z - self.vae.shift_factor) * self.vae.scaling_factor  # (b, C, h, w)
+        noise = torch.cat(noises) + t_cfg.offset_noise * torch.cat(offsets)
+        captions = ["" if float(u) < t_cfg.cond_dropout else c for u, c in zip(drops, captions)]
+        ids = self._token_ids(captions)
+        device = self.dist.device
+        out = {"latents": latents.to(device), "t": torch.cat(ts).to(device), "noise": noise.to(device)}
+        if self.train_text_encoder:
+            out["ids"] = ids.to(device)
+        else:
+            with torch.no_grad():
+                out["context"] = self.text_encoder.encode_ids(ids)
+        return out
+
+    # --- samples and export ------------------------------------------------------------------------------
+
+    def pipeline(self, ema_objective: DiffusionObjective):
+        from ..pipeline import Pipeline
+
+        text_encoder = ema_objective.text_encoder if self.train_text_encoder else self.text_encoder
+        return Pipeline(ema_objective.unet, self.vae, text_encoder, self.schedule, name=self.out_dir.name,
+                        device=self.dist.device, scheduler_config=self.scheduler_config)
+
+    def sample_prompts(self) -> list[str]:
+        lg = self.config.log
+        if lg.sample_prompts:
+            return list(lg.sample_prompts)
+        if self.captions is not None:
+            captions = self.captions
+        else:
+            captions = [self.dataset[i]["caption"] for i in range(min(len(self.dataset), 64))]
+        distinct = list(dict.fromkeys(c for c in captions if c))
+        return (distinct or ["", ])[:lg.sample_count]
+
+    def sample(self, ema_objective: DiffusionObjective, path: Path) -> None:
+        """One image per prompt from the EMA weights, seeds 0.. (a row of the grid per 4 prompts)."""
+        lg = self.config.log
+        prompts = self.sample_prompts()
+        pipe = self.pipeline(ema_objective)
+        f = self.vae.downsample_factor
+        result = pipe(prompts, steps=lg.sample_steps, guidance_scale=lg.sample_guidance, sampler=lg.sample_sampler,
+                      width=self.latent_shape[2] * f, height=self.latent_shape[1] * f, seed=list(range(len(prompts))),
+                      progress=False)
+        save_png_atomic(grid(result.images, min(4, len(prompts))), path)
+
+    def export(self, ema_objective: DiffusionObjective, path: Path) -> Path:
+        """A diffusers StableDiffusionPipeline folder with the EMA weights."""
+        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.pipeline(ema_objective).save_pretrained(tmp, dtype=getattr(torch, self.config.train.export_dtype))
+        replace_dir(tmp, path)
+        return path
+
+
+TASKS = {"vae": VAETask, "unet": UNetTask}
