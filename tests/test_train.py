@@ -21,13 +21,8 @@ from reverie.formats import load_safetensors, save_component
 from reverie.models.vae import VAE_PRESETS, AutoencoderKL
 from reverie.train import NonFiniteLossError, load_config, train
 from reverie.train import checkpoint as checkpoint_module
-from reverie.train.checkpoint import (
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint_dir,
-    rng_state,
-    set_rng_state,
-)
+from reverie.train.checkpoint import (latest_checkpoint, list_checkpoints, load_checkpoint_dir, rng_state,
+                                      set_rng_state)
 from reverie.train.cli import add_train_parser, parse_args
 from reverie.train.cli import main as cli_main
 
@@ -284,13 +279,10 @@ def test_rng_states_round_trip_through_safetensors_and_json(tmp_path):
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
 
 
-
 def test_an_interrupted_checkpoint_leaves_the_previous_one(tmp_path, monkeypatch):
     real_save = checkpoint_module.save_safetensors
-    calls = []
 
     def crash_at_step_4(tensors, path, metadata=None):
-        calls.append(path)
         if path.name == "optimizer.safetensors" and "step_00000004" in str(path.parent):
             path.write_bytes(b"half a file")  # what a crash mid-write leaves
             raise KeyboardInterrupt("simulated crash during a checkpoint save")
@@ -345,10 +337,15 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, va
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
     procs = [ctx.Process(target=_ddp_worker, args=(rank, 2, port, ddp_config, str(tmp_path))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
+    try:
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(timeout=120)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
     assert [p.exitcode for p in procs] == [0, 0]
     rank0, rank1 = (load_safetensors(tmp_path / f"rank{r}.safetensors") for r in range(2))
     assert_states_equal(rank0, rank1)  # DDP keeps the processes identical

@@ -6,12 +6,32 @@ import argparse
 import sys
 from pathlib import Path
 
+from .train.cli import add_train_parser, parse_args
+
 
 def _demo(args) -> None:
     from .demo import run_demo
 
     run_demo(args.out, steps=args.steps, seed=args.seed, sampler=args.sampler)
     print(f"wrote {args.out}")
+
+
+BUNDLED = Path(__file__).parent / "bundled"  # models trained by reverie, shipped with the package
+
+
+def model_path(model: str | None) -> Path:
+    """A path as given, or the name of a bundled model ("shapes" when None)."""
+    bundled = sorted(p.name for p in BUNDLED.iterdir() if (p / "model_index.json").is_file()) \
+        if BUNDLED.is_dir() else []
+    if model is None:
+        if "shapes" not in bundled:
+            raise ValueError("--model: no bundled model is installed; pass a diffusers folder or a .safetensors file")
+        return BUNDLED / "shapes"
+    if Path(model).exists():
+        return Path(model)
+    if model in bundled:
+        return BUNDLED / model
+    raise ValueError(f"--model: {model!r} is neither a path nor a bundled model ({', '.join(bundled) or 'none'})")
 
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
@@ -23,9 +43,7 @@ def _generate(args) -> None:
 
     from .pipeline import Pipeline
 
-    if args.model is None:
-        raise ValueError("--model: no bundled model ships yet; pass a diffusers folder or a .safetensors file")
-    pipe = Pipeline.from_pretrained(args.model, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+    pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, offload=args.offload)
     if args.attention_slicing:
@@ -63,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
     gen.add_argument("prompt")
-    gen.add_argument("--model", help="a diffusers folder or a single-file .safetensors checkpoint")
+    gen.add_argument("--model", help="a bundled model's name (default: shapes), a diffusers folder or a "
+                                     "single-file .safetensors checkpoint")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=30)
     gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
@@ -85,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until each is needed")
     gen.set_defaults(run=_generate)
 
+    add_train_parser(sub)
+
     samplers = sub.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(run=_samplers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)  # routes --section.key=value overrides to `train`
     try:
         args.run(args)
     except ValueError as e:

@@ -46,6 +46,8 @@ def run_train(args) -> None:
     except NonFiniteLossError as e:
         print(f"reverie train: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    if result.rank != 0:
+        return
     if result.stopped:
         print(f"reverie train: stopped at step {result.step}; checkpoint {result.checkpoint}")
     else:

@@ -155,7 +155,7 @@ def _choice(name: str, value, allowed) -> None:
 
 
 def _field_types(cls) -> dict[str, object]:
-    """{field name: resolved type} of a dataclass (annotations are strings under `from __future__ import annotations`)."""
+    """{field name: resolved type} of a dataclass (its annotations are strings here: `from __future__`)."""
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 

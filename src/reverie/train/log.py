@@ -44,9 +44,9 @@ class RunLog:
                 self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def step(self, step: int, loss: float, lr: float) -> None:
-        self.bar.update(1)
         if self.enabled:
             self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        self.bar.update(1)
 
     def row(self, **values) -> None:
         if not self.enabled:

@@ -409,7 +409,7 @@ class UNetTask:
         else:
             captions = [self.dataset[i]["caption"] for i in range(min(len(self.dataset), 64))]
         distinct = list(dict.fromkeys(c for c in captions if c))
-        return (distinct or ["", ])[:lg.sample_count]
+        return (distinct or [""])[:lg.sample_count]
 
     def sample(self, ema_objective: DiffusionObjective, path: Path) -> None:
         """One image per prompt from the EMA weights, seeds 0.. (a row of the grid per 4 prompts)."""
