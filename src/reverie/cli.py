@@ -61,6 +61,19 @@ def _generate(args) -> None:
         print(f"wrote {path} (seed {result.params['seeds'][i]})")
 
 
+def _eval(args) -> None:
+    from .eval.adherence import evaluate_shapes, shapes_captions
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device)
+    captions = shapes_captions(args.split, args.n, args.caption_seed)
+    scores = evaluate_shapes(pipe, captions, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                             seed=args.seed)
+    print(f"shapes adherence, {args.split} captions, {args.sampler}, {args.steps} steps, guidance {args.guidance}:")
+    for key, value in scores.items():
+        print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+
+
 def _samplers(args) -> None:
     from .samplers import SAMPLERS
 
@@ -105,6 +118,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=_generate)
 
     add_train_parser(sub)
+
+    ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer")
+    ev.add_argument("--model", help="a bundled model's name (default: shapes) or a model folder")
+    ev.add_argument("--split", default="heldout", choices=["train", "heldout"])
+    ev.add_argument("--n", type=int, default=200, help="number of captions (default: 200)")
+    ev.add_argument("--steps", type=int, default=20)
+    ev.add_argument("--guidance", type=float, default=7.5)
+    ev.add_argument("--sampler", default="dpmpp_2m")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--caption-seed", type=int, default=1)
+    ev.add_argument("--device", default="cpu")
+    ev.set_defaults(run=_eval)
 
     samplers = sub.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(run=_samplers)
