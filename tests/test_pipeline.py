@@ -170,3 +170,10 @@ def test_offload_and_bfloat16(pipes):
     assert next(half.unet.parameters()).dtype == torch.bfloat16
     low, _ = ours(half, "euler", "a photo of a cat", None, 4)
     assert np.abs(low - base).mean() < 12  # bf16 has 8 mantissa bits: close, not equal
+
+
+def test_default_size_is_the_models_native_size(pipes):
+    theirs, pipe, _ = pipes
+    native = theirs.unet.config.sample_size * theirs.vae_scale_factor  # diffusers' default height and width
+    assert pipe.default_size == native
+    assert pipe("a photo of a cat", steps=1, progress=False).images[0].size == (native, native)

@@ -131,6 +131,12 @@ class Pipeline:
     def downsample_factor(self) -> int:
         return self.vae.downsample_factor
 
+    @property
+    def default_size(self) -> int:
+        """The image size the model was trained at (diffusers' default height and width)."""
+        sample_size = self.unet.config.sample_size
+        return (sample_size if isinstance(sample_size, int) else sample_size[0]) * self.downsample_factor
+
     # --- generation ---------------------------------------------------------------------------------
 
     def _generators(self, seed, batch: int):
@@ -155,16 +161,19 @@ class Pipeline:
         return (embeds[: len(prompts)], embeds[len(prompts):]) if negatives else (embeds, None)
 
     def __call__(self, prompt, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5,
-                 sampler: str = "dpmpp_2m", width: int = 512, height: int = 512, seed=None, num_images: int = 1,
+                 sampler: str = "dpmpp_2m", width: int | None = None, height: int | None = None, seed=None, num_images: int = 1,
                  latents: Tensor | None = None, *, scheduler: str | None = None, guidance_rescale: float = 0.0,
                  clip_skip: int | None = None, callback=None, progress: bool = True) -> GenerationResult:
         """Generate images. `sampler` is any name reverie.samplers.resolve accepts ("DPM++ 2M Karras",
         "euler", "DDIMScheduler", ...); `scheduler` an optional schedule type ("karras", "exponential").
-        seed: int (one generator for the batch, like diffusers) or a list with one seed per image."""
+        seed: int (one generator for the batch, like diffusers) or a list with one seed per image. width and
+        height default to the model's native size (UNet sample_size x VAE factor: 512 for SD 1.x)."""
         prompts = _as_prompts("prompt", prompt)
         steps = _check_int("steps", steps, 1, self.schedule.num_train_timesteps)
         num_images = _check_int("num_images", num_images, 1)
         factor = self.downsample_factor
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
         for name, value in (("width", width), ("height", height)):
             _check_int(name, value, factor)
             if value % factor:
