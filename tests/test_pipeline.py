@@ -177,3 +177,16 @@ def test_default_size_is_the_models_native_size(pipes):
     native = theirs.unet.config.sample_size * theirs.vae_scale_factor  # diffusers' default height and width
     assert pipe.default_size == native
     assert pipe("a photo of a cat", steps=1, progress=False).images[0].size == (native, native)
+
+
+def test_fp16_save_stores_every_component_in_half_precision(pipes, tmp_path):
+    from reverie.formats import load_safetensors
+
+    _, pipe, _ = pipes
+    pipe.save_pretrained(tmp_path / "half", dtype=torch.float16)
+    for part in ("unet/diffusion_pytorch_model", "vae/diffusion_pytorch_model", "text_encoder/model"):
+        tensors = load_safetensors(tmp_path / "half" / f"{part}.safetensors")
+        assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}, part
+    a, _ = ours(Pipeline.from_pretrained(tmp_path / "half"), "euler", "a photo of a cat", None, 4)
+    b, _ = ours(pipe, "euler", "a photo of a cat", None, 4)
+    assert np.abs(a - b).mean() < 3  # fp16 weights: close to the fp32 images

@@ -89,7 +89,7 @@ def save_folder(pipe, path: Path, *, dtype=None) -> None:
     weights = "diffusion_pytorch_model.safetensors"
     save_component(path / "unet", pipe.unet.state_dict(), pipe.unet.to_config(), weights, dtype)
     save_component(path / "vae", pipe.vae.state_dict(), pipe.vae.to_config(), weights, dtype)
-    pipe.text_encoder.save_pretrained(path / "text_encoder", path / "tokenizer")
+    pipe.text_encoder.save_pretrained(path / "text_encoder", path / "tokenizer", dtype=dtype)
     (path / "scheduler").mkdir(exist_ok=True)
     write_json(path / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
     tokenizer_class = type(pipe.text_encoder.tokenizer).__name__.removesuffix("Fast")

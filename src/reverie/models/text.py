@@ -65,7 +65,7 @@ class TextEncoder(nn.Module):
         tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
         return cls(text_model.to(device).eval(), tokenizer)
 
-    def save_pretrained(self, text_encoder_dir, tokenizer_dir) -> None:
+    def save_pretrained(self, text_encoder_dir, tokenizer_dir, dtype: torch.dtype | None = None) -> None:
         """Write diffusers' `text_encoder/` (config.json + model.safetensors) and `tokenizer/` folders.
 
         Weights are stored under SD's key names ("text_model.embeddings...", as in openai/clip-vit-large-patch14),
@@ -77,6 +77,8 @@ class TextEncoder(nn.Module):
         self.text_model.config.save_pretrained(path)
         weights = {k if k.startswith("text_model.") else f"text_model.{k}": v.detach().contiguous().cpu()
                    for k, v in self.text_model.state_dict().items()}
+        if dtype is not None:  # e.g. float16 for shipping; integer buffers (position_ids) stay as they are
+            weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
         save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
         save_tokenizer(self.tokenizer, tokenizer_dir)
 
