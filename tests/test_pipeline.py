@@ -190,3 +190,19 @@ def test_fp16_save_stores_every_component_in_half_precision(pipes, tmp_path):
     a, _ = ours(Pipeline.from_pretrained(tmp_path / "half"), "euler", "a photo of a cat", None, 4)
     b, _ = ours(pipe, "euler", "a photo of a cat", None, 4)
     assert np.abs(a - b).mean() < 3  # fp16 weights: close to the fp32 images
+
+
+def test_bundled_shapes_model_generates_by_default(tmp_path):
+    """The newcomer's first command: no --model, the shipped shapes model, a 64x64 PNG."""
+    from PIL import Image
+
+    from reverie.cli import BUNDLED, main
+
+    out = tmp_path / "first.png"
+    assert main(["generate", "a red circle above a blue square", "--steps", "4", "--seed", "0", "--out",
+                 str(out)]) == 0
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert np.asarray(image).std() > 10  # a picture, not a flat field
+    weights = [p for p in (BUNDLED / "shapes").rglob("*.safetensors")]
+    assert len(weights) == 3 and all(p.stat().st_size < 40 * 2**20 for p in weights)
