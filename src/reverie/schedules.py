@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Literal
 
 import numpy as np
 import torch
@@ -299,5 +298,3 @@ class DiscreteSchedule:
             return sigma_max
         return (sigma_max**2 + 1) ** 0.5
 
-
-Family = Literal["k", "multistep", "ddim"]
