@@ -30,3 +30,70 @@ def test_adherence_is_perfect_on_real_images_and_zero_on_blank_ones():
     assert pipe.calls[0]["seed"] == list(range(16)) and pipe.calls[0]["steps"] == 5
     blank = evaluate_shapes(ReplayPipe(data, blank=True), list(data.captions))
     assert blank["one/fully_correct"] == blank["two/fully_correct"] == 0.0
+
+
+# --------------------------------------------------------------------------------- sweeps, plots, FID
+
+def test_cfg_and_steps_sweeps_report_every_setting_and_plot_them(tmp_path):
+    from reverie.eval import adherence
+
+    data = ShapesDataset(size=6, split="heldout", seed=3)
+    pipe = ReplayPipe(data)
+    rows = adherence.cfg_sweep(pipe, list(data.captions), scales=(1, 7.5), diversity_captions=2, steps=3)
+    assert [r["guidance"] for r in rows] == [1, 7.5]
+    assert all(r["one"] == 1.0 for r in rows if r["one"] == r["one"])  # real images: all correct
+    assert all(r["diversity"] == 0.0 for r in rows)  # the replay pipe draws the same image for every seed
+    path = adherence.plot_cfg_sweep(rows, tmp_path / "cfg.png")
+    assert Image.open(path).size == (840, 324)
+    rows = adherence.steps_sweep(pipe, list(data.captions), samplers=("ddim", "euler"), steps=(2, 4))
+    assert [(r["sampler"], r["steps"]) for r in rows] == [("ddim", 2), ("ddim", 4), ("euler", 2), ("euler", 4)]
+    assert all(r["fully_correct"] == 1.0 and r["seconds"] >= 0 for r in rows)
+    assert Image.open(adherence.plot_steps_sweep(rows, tmp_path / "steps.png")).size == (420, 324)
+
+
+def test_diversity_is_the_pairwise_rms_pixel_distance():
+    from reverie.eval.adherence import diversity
+
+    class TwoTone:  # even seeds black, odd seeds white: every pair of 2 differs by 1 everywhere
+        def __call__(self, prompts, seed, **kwargs):
+            return SimpleNamespace(images=[Image.new("RGB", (64, 64), "white" if s % 2 else "black") for s in seed])
+
+    assert diversity(TwoTone(), ["a red circle"], seeds=2) == 1.0
+    assert abs(diversity(TwoTone(), ["a red circle"], seeds=4) - 4 / 6) < 1e-9  # 4 of the 6 pairs differ
+
+
+def test_frechet_distance_matches_the_closed_form_for_gaussians():
+    import numpy as np
+
+    from reverie.eval.emoji import frechet_distance
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(200_000, 3))
+    scale = np.array([2.0, 1.0, 0.5])
+    b = rng.normal(size=(200_000, 3)) * scale + 1
+    # mu diff 3 x 1; cov I vs diag(scale^2): tr(I + S - 2 S^(1/2)) = sum (1 - s)^2
+    expected = 3 + ((1 - scale) ** 2).sum()
+    assert abs(frechet_distance(a, b) - expected) < 0.05
+    assert abs(frechet_distance(a, a)) < 1e-6
+
+
+def test_nearest_distances_match_brute_force():
+    import numpy as np
+
+    from reverie.eval.emoji import nearest_distances
+
+    rng = np.random.default_rng(1)
+    q, r = rng.normal(size=(7, 5)), rng.normal(size=(9, 5))
+    brute = np.array([min(np.linalg.norm(x - y) for y in r) for x in q])
+    assert np.allclose(nearest_distances(q, r), brute)
+    self_brute = np.array([min(np.linalg.norm(x - y) for j, y in enumerate(r) if j != i) for i, x in enumerate(r)])
+    assert np.allclose(nearest_distances(r, r, exclude_self=True), self_brute)
+
+
+def test_emoji_subgroups_name_every_emoji_the_data_set_draws():
+    from reverie.data.emoji import EmojiDataset
+    from reverie.eval.emoji import emoji_subgroups
+
+    groups = emoji_subgroups()
+    assert groups["red apple"] == "food-fruit" and groups["rocket"] == "transport-air"
+    assert all(c in groups for c in EmojiDataset(resolution=64).captions)

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("vae", "unet")
+KINDS = ("vae", "unet", "controlnet")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -39,9 +39,10 @@ RANGES = {"optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf), "
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # what is trained: "vae" (the autoencoder) or "unet" (latent denoiser, + text encoder)
+    kind: str = "unet"  # what is trained: "vae" (the autoencoder), "unet" (latent denoiser, + text encoder) or
+    #                     "controlnet" (a ControlNet for the frozen model.base_model)
     vae_preset: str = "small-f8"  # vae runs: architecture, a name in reverie.models.vae.VAE_PRESETS
-    vae_path: str = ""  # unet runs: the frozen VAE: a vae run's output dir, a vae/ component folder or a pipeline
+    vae_path: str = ""  # unet runs: the frozen VAE (a vae run's output dir, a vae/ folder or a pipeline); vae runs: start from it
     unet_preset: str = "small"  # unet runs: UNET_PRESETS name; channels and text width adapt to the VAE and encoder
     prediction: str = "epsilon"  # the network's target: epsilon | v_prediction | sample
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2 (SD's betas: scaled_linear)
@@ -53,6 +54,8 @@ class ModelConfig:
     text_heads: int = 4  # from scratch: attention heads
     text_max_length: int = 77  # from scratch: tokens per prompt, BOS and EOS included (SD: 77)
     vocab_size: int = 1024  # from scratch: BPE vocabulary trained on the data set's captions (>= 514)
+    base_model: str = ""  # controlnet runs: the frozen text-to-image model (a diffusers folder or a bundled name)
+    control_type: str = "segmentation"  # controlnet runs: the control derived from each image (segmentation | canny)
 
 
 @dataclass
