@@ -18,9 +18,7 @@ PROMPT = "a red circle above a blue square"
 
 # reverie sampler -> the diffusers scheduler it must reproduce. Not here: LMS (diffusers' LMSDiscreteScheduler
 # computes order-k coefficients from step_index, so after an img2img slice it weights its first derivatives with
-# coefficients meant for a longer history; reverie's lms, like k-diffusion's, uses the history it has) and DDPM
-# (reverie applies set_alpha_to_one=False to it as to DDIM; diffusers' DDPMScheduler always ends at alphabar 1 —
-# the same small difference as text-to-image).
+# coefficients meant for a longer history; reverie's lms, like k-diffusion's, uses the history it has).
 SCHEDULERS = {
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
@@ -29,6 +27,7 @@ SCHEDULERS = {
     "heun": ("HeunDiscreteScheduler", {}),
     "unipc": ("UniPCMultistepScheduler", {}),
     "Euler a": ("EulerAncestralDiscreteScheduler", {}),
+    "ddpm": ("DDPMScheduler", {}),
 }
 
 
@@ -62,7 +61,7 @@ def diffusers_img2img(theirs, sampler, image, strength, seed, steps=8):
 
 
 @pytest.mark.parametrize("sampler,strength", [(s, v) for s in ("ddim", "euler", "dpmpp_2m") for v in (0.3, 0.75, 1.0)]
-                         + [(s, 0.5) for s in ("DPM++ 2M Karras", "heun", "unipc", "Euler a")])
+                         + [(s, 0.5) for s in ("DPM++ 2M Karras", "heun", "unipc", "Euler a", "ddpm")])
 def test_same_images_as_diffusers(models, sampler, strength):
     theirs, pipe, _ = models
     result = pipe(PROMPT, image=picture(), strength=strength, steps=8, sampler=sampler, seed=3, progress=False)

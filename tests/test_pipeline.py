@@ -53,6 +53,7 @@ SAMPLERS = {  # reverie sampler name -> the diffusers scheduler it must reproduc
     "ddim": ("DDIMScheduler", {}),
     "euler": ("EulerDiscreteScheduler", {}),
     "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
+    "ddpm": ("DDPMScheduler", {}),  # ancestral: same noise draws, and it always ends on alphabar 1
 }
 
 
@@ -86,7 +87,7 @@ def test_same_images_as_diffusers(pipes, sampler, negative):
     a, result = ours(pipe, sampler, prompt, negative, seed=42)
     b = diffusers_images(theirs, sampler, prompt, negative, seed=42)
     assert a.shape == b.shape == (1, 32, 32, 3)
-    assert np.abs(a - b).mean() <= 1.0
+    assert np.abs(a - b).mean() <= 0.02  # a few pixels may round the other way; a schedule error moves many
     assert a.std() > 2  # not a flat image: the comparison means something
     assert result.params["seeds"] == [42] and result.params["steps"] == 8
     c, _ = ours(pipe, sampler, prompt, negative, seed=43)

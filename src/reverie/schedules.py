@@ -23,7 +23,7 @@ from torch import Tensor
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_KINDS = ("default", "karras", "exponential")
-FAMILIES = ("k", "multistep", "ddim")
+FAMILIES = ("k", "multistep", "ddim", "ddpm")
 TIMESTEP_MAPPINGS = ("linear", "log", "round", "floor")
 
 
@@ -149,7 +149,7 @@ def spaced_timesteps(
 
     The families differ (Table 2 of Lin et al. 2023 describes the spacings; the per-family details are
     diffusers'): "k" (Euler, Heun, LMS, Euler a) keeps fractional linspace timesteps; "multistep"
-    (DPM-Solver++, UniPC) spaces n + 1 rounded points and drops the last; "ddim" (DDIM, DDPM) rounds.
+    (DPM-Solver++, UniPC) spaces n + 1 rounded points and drops the last; "ddim" (DDIM) and "ddpm" (DDPM) round.
     """
     _check_steps(steps)
     _check_choice("timestep_spacing", spacing, SPACINGS)
@@ -261,7 +261,7 @@ class DiscreteSchedule:
 
     def spacing(self, family: str = "k") -> str:
         """The timestep spacing a family uses: the config's, else its diffusers class default."""
-        return self.timestep_spacing or ("leading" if family == "ddim" else "linspace")
+        return self.timestep_spacing or ("leading" if family in ("ddim", "ddpm") else "linspace")
 
     def sampling_sigmas(self, steps: int, kind: str = "default", family: str = "k") -> Tensor:
         """The n + 1 sigmas that diffusers' scheduler of `family` visits with `kind` sigmas.
@@ -273,7 +273,7 @@ class DiscreteSchedule:
         t = spaced_timesteps(steps, self.spacing(family), self.num_train_timesteps, self.steps_offset, family)
         sigmas = self.t_to_sigma(t)
         final = 0.0
-        if family == "ddim" and not self.set_alpha_to_one:
+        if family == "ddim" and not self.set_alpha_to_one:  # DDPMScheduler always ends on alphabar 1
             final = self.sigma_min
         if kind == "default":
             return _append_zero(sigmas.float(), final)

@@ -33,7 +33,7 @@ def register(name: str, family: str = "k"):
     """Add a sampler to SAMPLERS, checking its common arguments.
 
     `family` names the diffusers scheduler family whose timestep spacing this sampler reproduces
-    ("k": Euler/Heun/LMS; "multistep": DPM-Solver++/UniPC; "ddim": DDIM/DDPM)."""
+    ("k": Euler/Heun/LMS; "multistep": DPM-Solver++/UniPC; "ddim": DDIM; "ddpm": DDPM)."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -137,7 +137,7 @@ def ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=0.0):
     return x
 
 
-@register("ddpm", family="ddim")
+@register("ddpm", family="ddpm")
 def ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0_hat) (Ho et al. 2020): DDIM with eta=1."""
     return ddim(denoiser, x, sigmas, generator=generator, callback=callback, eta=1.0)
