@@ -97,3 +97,23 @@ def test_emoji_subgroups_name_every_emoji_the_data_set_draws():
     groups = emoji_subgroups()
     assert groups["red apple"] == "food-fruit" and groups["rocket"] == "transport-air"
     assert all(c in groups for c in EmojiDataset(resolution=64).captions)
+
+
+def test_the_shipped_emoji_feature_net_knows_the_subgroups():
+    """The FID feature network (reverie/bundled/features) classifies the emoji it was trained on by subgroup."""
+    import torch
+
+    from reverie.data.emoji import EmojiDataset
+    from reverie.eval.emoji import emoji_subgroups, features, load_feature_net
+
+    net = load_feature_net()
+    classes = net.classes
+    data = EmojiDataset(resolution=64)
+    picks = list(range(0, len(data), 12))  # ~300 emoji across all groups
+    images = torch.stack([data[i]["image"] for i in picks])
+    with torch.no_grad():
+        predicted = net(images).argmax(1).tolist()
+    groups = emoji_subgroups()
+    accuracy = sum(classes[p] == groups[data.captions[i]] for p, i in zip(predicted, picks)) / len(picks)
+    assert accuracy > 0.75, accuracy  # 99 classes: chance is about 0.13 (the largest class)
+    assert features(net, images[:4]).shape == (4, 256)

@@ -118,6 +118,7 @@ def load_feature_net(path=FEATURES_PATH) -> FeatureNet:
         classes = f.metadata()["classes"].split("\n")
     net = FeatureNet(len(classes))
     net.load_state_dict({k: v.float() for k, v in load_safetensors(path).items()})
+    net.classes = classes  # subgroup names, in the order of the logits
     return net.eval().requires_grad_(False)
 
 
