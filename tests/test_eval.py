@@ -117,3 +117,22 @@ def test_the_shipped_emoji_feature_net_knows_the_subgroups():
     accuracy = sum(classes[p] == groups[data.captions[i]] for p, i in zip(predicted, picks)) / len(picks)
     assert accuracy > 0.75, accuracy  # 99 classes: chance is about 0.13 (the largest class)
     assert features(net, images[:4]).shape == (4, 256)
+
+
+def test_emoji_evaluation_catches_a_model_that_copies_its_training_images():
+    """A 'model' that returns the training image of each caption: nearest-training distances are 0, far below
+    the training set's own nearest-neighbour spacing, and its FID is the real-vs-real floor's order."""
+    from reverie.data.emoji import EmojiDataset
+    from reverie.eval.emoji import evaluate_emoji
+
+    data = EmojiDataset(resolution=64)
+    index = {c: i for i, c in enumerate(data.captions)}
+
+    class Copier:
+        def __call__(self, prompts, **kwargs):
+            return SimpleNamespace(images=[data.render(data.emoji[index[p]]) for p in prompts])
+
+    report = evaluate_emoji(Copier(), n=64)
+    assert report["nn_pixel_rms_generated"] < 1e-6 and report["nn_feature_generated"] < 1e-4
+    assert report["nn_pixel_rms_train"] > 0.02 and report["nn_feature_train"] > 0.1
+    assert report["fid"] < 2 * report["fid_train_subset"] + 1
