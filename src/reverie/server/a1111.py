@@ -1,0 +1,134 @@
+"""AUTOMATIC1111-compatible routes: /sdapi/v1/txt2img, img2img, samplers, schedulers, progress, png-info, interrupt.
+
+Field names and answer shapes follow A1111's modules/api/models.py; fields reverie does not implement
+(restore_faces, enable_hr, styles, ...) are accepted and ignored. Unlike A1111, requests do not take a global
+lock: they queue in the engine and share forward passes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from fastapi import APIRouter
+from starlette.requests import Request as HTTPRequest
+
+from ..metadata import SCHEDULE_TYPES, infotext, read_png_info
+from ..samplers import resolve, valid_names
+from .common import decode_image, images_b64, prepare, raise_for_job, run_sync
+from .engine import Engine
+from .job import FieldError, Request
+from .schemas import Img2ImgBody, Limits, PngInfoBody, Txt2ImgBody
+
+_NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "strength": "denoising_strength",
+          "image": "init_images"}
+
+
+def router(engine: Engine, limits: Limits) -> APIRouter:
+    api = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+
+    async def generate(body: Txt2ImgBody, http: HTTPRequest, **edit) -> dict:
+        request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+                          guidance_scale=body.cfg_scale, sampler=body.sampler_name or body.sampler_index,
+                          scheduler=body.scheduler, seed=None if body.seed == -1 else body.seed, width=body.width,
+                          height=body.height, n=body.batch_size * body.n_iter, **edit)
+        request = prepare(engine, limits, request, _NAMES)
+        job = await run_sync(engine, request, http)
+        raise_for_job(job)
+        params = job.result["params"]
+        info = dict(prompt=body.prompt, all_prompts=[body.prompt] * job.request.n,
+                    negative_prompt=body.negative_prompt, all_negative_prompts=[body.negative_prompt] * job.request.n,
+                    seed=job.seeds[0], all_seeds=job.seeds, subseed=-1, all_subseeds=[-1] * job.request.n,
+                    subseed_strength=0, width=job.request.width, height=job.request.height,
+                    sampler_name=request.sampler, cfg_scale=body.cfg_scale, steps=body.steps,
+                    batch_size=body.batch_size, n_iter=body.n_iter, restore_faces=False,
+                    sd_model_name=job.request.model, denoising_strength=edit.get("strength"),
+                    infotexts=[infotext(p) for p in params], index_of_first_image=0, job_id=job.id,
+                    job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))
+        parameters = body.model_dump(exclude={"init_images"})
+        return dict(images=images_b64(engine, job) if body.send_images else [], parameters=parameters,
+                    info=json.dumps(info))
+
+    @api.post("/txt2img")
+    async def txt2img(body: Txt2ImgBody, http: HTTPRequest) -> dict:
+        """Text to image; answers with base64 PNGs (with A1111 infotext), the parameters and an info JSON."""
+        return await generate(body, http)
+
+    @api.post("/img2img")
+    async def img2img(body: Img2ImgBody, http: HTTPRequest) -> dict:
+        """Image to image (and inpainting with `mask`) from the first of `init_images`."""
+        if not body.init_images:
+            raise FieldError("init_images", "give at least one base64 image")
+        out = await generate(body, http, image=decode_image("init_images", body.init_images[0]),
+                             mask=decode_image("mask", body.mask), strength=body.denoising_strength)
+        if body.include_init_images:
+            out["images"] += body.init_images[:1]
+        return out
+
+    @api.get("/samplers")
+    def samplers() -> list[dict]:
+        """A1111's sampler labels and reverie's own names (aliases: what each resolves to)."""
+        out = []
+        for name in valid_names():
+            choice = resolve(name)
+            if choice.family == "flow":
+                continue
+            out.append(dict(name=name, aliases=[choice.name] if choice.name != name else [],
+                            options={**choice.options, "scheduler": choice.schedule}))
+        return out
+
+    @api.get("/schedulers")
+    def schedulers() -> list[dict]:
+        return [dict(name=name, label=label) for name, label in
+                (("automatic", "Automatic"), *((k, v) for k, v in SCHEDULE_TYPES.items()))]
+
+    @api.get("/sd-models")
+    def sd_models() -> list[dict]:
+        return [dict(title=name, model_name=name, hash=None, sha256=None, filename=name, config=None)
+                for name in engine.models]
+
+    @api.get("/progress")
+    def progress(skip_current_image: bool = False) -> dict:
+        """The progress of the running batch (A1111 has one global progress; so does this route)."""
+        running = engine.running()
+        state = dict(skipped=False, interrupted=False, job="", job_count=engine.queue_depth() + len(running),
+                     job_timestamp="0", job_no=0, sampling_step=0, sampling_steps=0)
+        if not running:
+            return dict(progress=0.0, eta_relative=0.0, state=state, current_image=None, textinfo=None)
+        job = running[0]
+        p = job.progress or dict(step=0, steps=job.request.steps, elapsed_s=0.0)
+        fraction = p["step"] / max(p["steps"], 1)
+        eta = p["elapsed_s"] / fraction - p["elapsed_s"] if fraction > 0 else 0.0
+        state.update(job=job.id, sampling_step=p["step"], sampling_steps=p["steps"],
+                     job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))
+        image = None if skip_current_image else _last_preview(job)
+        return dict(progress=round(fraction, 4), eta_relative=round(eta, 3), state=state, current_image=image,
+                    textinfo=f"step {p['step']} of {p['steps']}")
+
+    @api.post("/interrupt")
+    def interrupt() -> dict:
+        """Cancel the running batch's jobs (A1111's Interrupt)."""
+        cancelled = [job.id for job in engine.running() if engine.cancel(job.id, "interrupted")]
+        return dict(cancelled=cancelled)
+
+    @api.post("/png-info")
+    def png_info(body: PngInfoBody) -> dict:
+        """The generation parameters a PNG carries: A1111's infotext, parsed, and the other text chunks."""
+        data = decode_image("image", body.image)
+        if data is None:
+            raise FieldError("image", "give a base64 PNG")
+        try:
+            info = read_png_info(data)
+        except ValueError as e:
+            raise FieldError("image", str(e)) from None
+        return dict(info=info["info"], items=info["items"], parameters=info["parameters"])
+
+    return api
+
+
+def _last_preview(job) -> str | None:
+    for event, data in reversed(list(job._events)):
+        if event == "progress" and "preview_x0" in data:
+            return data["preview_x0"].partition(",")[2]
+    return None
+

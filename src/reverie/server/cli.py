@@ -1,0 +1,96 @@
+"""`reverie serve`: the engine and the HTTP app under uvicorn, with JSON logs and a graceful shutdown.
+
+It binds to 127.0.0.1 by default. Bound to any other address it refuses to start without an API key
+(--api-key or $REVERIE_API_KEY), which clients send as `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+
+API_KEY_ENV = "REVERIE_API_KEY"
+
+
+def add_arguments(parser) -> None:
+    """The server's options (the model options live with the `serve` command in reverie.cli)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine "
+                                                            "only); any other needs an API key")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--api-key", default=None, help=f"key clients send as a bearer token (default: ${API_KEY_ENV})")
+    parser.add_argument("--out", default="outputs/server", help="job store (SQLite) and result images")
+    parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
+                        help="a ControlNet requests can pick by control_type (repeatable)")
+    parser.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (default: 64)")
+    parser.add_argument("--max-batch", type=int, default=8, help="images per forward pass; 1 turns batching off")
+    parser.add_argument("--batch-window", type=float, default=0.1,
+                        help="seconds the oldest job may wait for the last batch's clients to come back (default: 0.1)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="deadline of a job, queue wait included")
+    parser.add_argument("--grace", type=float, default=30.0, help="seconds running work gets to finish at shutdown")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def check_exposure(host: str, api_key: str | None) -> None:
+    """Refuse to listen beyond this machine without an API key."""
+    if api_key:
+        return
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise ValueError(f"--host {host}: binding to an address other than 127.0.0.1 needs an API key "
+                         f"(--api-key or ${API_KEY_ENV}); clients then send it as 'Authorization: Bearer <key>'")
+
+
+def serve(args, name: str, load) -> None:
+    """Run the server until SIGINT / SIGTERM. load() returns the Pipeline; the engine calls it in its thread,
+    so the port answers (live, not ready) while the model loads."""
+    import uvicorn
+
+    from .app import create_app
+    from .engine import Engine
+    from .logs import configure_logging
+
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    check_exposure(args.host, api_key)
+    controlnets = {}
+    for item in args.controlnet:
+        key, sep, folder = item.partition("=")
+        if not sep or not key or not folder:
+            raise ValueError(f"--controlnet must be NAME=FOLDER; got {item!r}")
+        controlnets[key] = folder
+    configure_logging(args.log_level)
+    engine = Engine({name: load}, args.out, controlnets=controlnets, max_queue=args.max_queue,
+                    max_batch=args.max_batch, batch_window_s=args.batch_window, timeout_s=args.timeout).start()
+    app = create_app(engine, api_key=api_key)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=True,
+                            timeout_graceful_shutdown=args.grace)
+    server = _server(config, engine, args.grace)
+    logging.getLogger("reverie.server").info("serving", extra={"host": args.host, "port": args.port,
+                                                               "model": name, "auth": api_key is not None})
+    try:
+        server.run()
+    finally:
+        engine.close(grace_s=args.grace)
+
+
+def _server(config, engine, grace_s: float):
+    """uvicorn's server, telling the engine to stop accepting the moment a signal arrives (readiness goes false,
+    new jobs get 503); once open requests have drained, the running batch finishes (up to grace_s) and queued
+    jobs stay in the store for the next start. Then uvicorn re-raises the signal, as it always does."""
+    import asyncio
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            engine.stop_accepting()
+            super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)
+            await asyncio.to_thread(engine.close, grace_s)
+
+    return Server(config)

@@ -1,0 +1,588 @@
+"""The engine behind the server: loaded models, a bounded FIFO queue, and a batcher thread.
+
+One Engine object owns everything (no module globals). HTTP handlers call `submit`, `get`, `cancel` and
+listen to a job's events; a single worker thread takes the oldest queued job plus every queued job that can
+share its forward passes (same model, size, sampler, schedule, steps and prompt chunk count: guidance scales
+may differ, CFGDenoiser takes one per row) and runs them as one Pipeline call, one seed per image, so a
+batched image equals the same request run alone up to float rounding.
+
+Between denoising steps the sampler callback drops rows whose job was cancelled or ran past its deadline (the
+job is final at once; its row runs on, unseen, until the batch ends) and stops the call when no row is left.
+Jobs are written to the JobStore before they are acknowledged: a restart runs the queued ones again.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import logging
+import math
+import random
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from ..loading import load_controlnet
+from ..metadata import image_params, png_bytes
+from ..pipeline import MAX_SEED, Pipeline, to_pil
+from ..samplers import resolve
+from .job import BYTES_FIELDS, FINAL, Cancelled, FieldError, Job, Rejected, Request, final_data
+from .metrics import BATCH_BUCKETS, Metrics
+from .store import JOB_ID, JobStore
+
+log = logging.getLogger("reverie.server")
+
+MAX_IMAGE_PIXELS = 4096 * 4096  # uploaded images (img2img, masks, control images)
+
+
+class Engine:
+    """Models (loaded once, kept warm), a bounded queue and the batcher thread that runs it.
+
+    models: name -> Pipeline, or a callable returning one (loaded by `start()` in the worker thread; ready
+    once all are loaded and a one-step warm-up has run). The first is the default. controlnets: name ->
+    ControlNet (or a folder), chosen by a request's control_type. max_queue bounds queued
+    jobs (more is 429); max_batch bounds images per forward pass (1 turns batching off); batch_window_s is how
+    long the oldest job may wait for the clients of the batch that just ended to send their next requests
+    (a job arriving at an idle engine starts at once); timeout_s the default and largest deadline."""
+
+    def __init__(self, models: dict, out_dir, *, controlnets: dict | None = None, max_queue: int = 64, max_batch: int = 8,
+                 batch_window_s: float = 0.1, timeout_s: float = 600.0, preview_interval_s: float = 0.25,
+                 finished_in_memory: int = 1000):
+        if not models:
+            raise ValueError("models: give at least one model (name -> Pipeline or loader)")
+        for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+        self._sources, self.models = dict(models), {}
+        self.default_model = next(iter(models))
+        self.controlnets = dict(controlnets or {})
+        self.store = JobStore(out_dir)
+        self.max_queue, self.max_batch, self.batch_window_s = max_queue, max_batch, batch_window_s
+        self.timeout_s, self.preview_interval_s = timeout_s, preview_interval_s
+        self._queue: deque[Job] = deque()
+        self._jobs: dict[str, Job] = {}  # queued and running
+        self._finished: OrderedDict[str, Job] = OrderedDict()  # recent final jobs (the store has all)
+        self._finished_cap = finished_in_memory
+        self._running: list[Job] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._ready = self._accepting = self._stopping = self._abort = self._closed = False
+        self.load_error: str | None = None
+        self._batch_seconds = 1.0  # running mean of one pipeline call, for Retry-After
+        self._last_batch = (1, -math.inf)  # (images, time.monotonic() when it ended)
+        self.metrics = self._make_metrics()
+
+    # --- lifecycle ----------------------------------------------------------------------------------
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._work, name="reverie-engine", daemon=True)
+        self._thread.start()
+        threading.Thread(target=self._reap, name="reverie-deadlines", daemon=True).start()
+        return self
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        end = time.monotonic() + (timeout if timeout is not None else math.inf)
+        while not self._ready and self.load_error is None and time.monotonic() < end:
+            time.sleep(0.01)
+        return self._ready
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self._accepting
+
+    def stop_accepting(self) -> None:
+        """Readiness goes false and new jobs are refused (503); queued and running work continues."""
+        with self._cond:
+            self._accepting = False
+
+    def close(self, grace_s: float | None = None) -> None:
+        """Stop accepting, let the running batch finish (cancelled after grace_s), leave queued native jobs
+        in the store for the next start, and stop the worker. Closing twice does nothing."""
+        with self._cond:
+            if self._closed:
+                return
+            self._accepting, self._stopping, self._closed = False, True, True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(grace_s)
+            if self._thread.is_alive():
+                self._abort = True
+                self._thread.join()
+        with self._cond:
+            for job in list(self._queue):  # a waiting HTTP client cannot get its answer after a restart
+                if job.kind == "sync":
+                    self._queue.remove(job)
+                    self._finish(job, "cancelled", error="the server shut down before the job ran")
+        self.store.close()
+
+    # --- what HTTP handlers call ---------------------------------------------------------------------
+
+    def submit(self, request: Request, *, kind: str = "job") -> Job:
+        """Validate, store and queue a job. Raises FieldError (422) or Rejected (429 / 503)."""
+        if not self.ready:
+            self.metrics.inc("rejections_total", reason="not_ready")
+            raise Rejected(503, "the server is not ready (loading models or shutting down)", 5)
+        request = self.prepare(request)
+        job = Job(uuid.uuid4().hex, request, kind=kind)
+        timeout = min(self.timeout_s, request.timeout_s or math.inf)
+        job.deadline = job.enqueued + timeout
+        with self._cond:
+            if not self._accepting:
+                raise Rejected(503, "the server is shutting down", 5)
+            if len(self._queue) >= self.max_queue:
+                self.metrics.inc("rejections_total", reason="queue_full")
+                raise Rejected(429, f"the queue is full ({self.max_queue} jobs)", self.retry_after())
+            self.store.add(job.id, kind, request.to_json(), job.created)
+            self._enqueue(job)
+        log.info("job queued", extra={"job": job.id, "kind": kind, "images": request.n, "position": self.position(job)})
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """A job by id: from memory, or rebuilt from the store (finished long ago, or before a restart)."""
+        with self._cond:
+            job = self._jobs.get(job_id) or self._finished.get(job_id)
+        if job is not None or not JOB_ID.match(job_id):
+            return job
+        row = self.store.get(job_id)
+        if row is None:
+            return None
+        job = Job(row["id"], Request.from_json(row["request"]), kind=row["kind"], status=row["status"],
+                  created=row["created"], started=row["started"], finished=row["finished"], error=row["error"],
+                  result=row["result"])
+        if job.status in FINAL:
+            job.done.set()
+            job.emit(job.status, final_data(job))
+        return job
+
+    def cancel(self, job_id: str, reason: str = "cancelled by the client") -> bool:
+        """Cancel a queued or running job. A running job is final at once; its row stops at the next step."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status in FINAL:
+                return False
+            if job.status == "queued":
+                self._queue.remove(job)
+            return self._finish(job, "cancelled", error=reason)
+
+    def position(self, job: Job) -> int | None:
+        """Jobs ahead of a queued job (0: it runs next); None once it runs."""
+        with self._cond:
+            try:
+                return self._queue.index(job)
+            except ValueError:
+                return None
+
+    def running(self) -> list[Job]:
+        with self._cond:
+            return list(self._running)
+
+    def queued(self) -> list[Job]:
+        with self._cond:
+            return list(self._queue)
+
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has room, roughly: the queued images at max_batch per call."""
+        images = sum(job.request.n for job in list(self._queue))
+        return max(1, math.ceil(self._batch_seconds * (images / self.max_batch + 1)))
+
+    def image_path(self, job_id: str, index: int):
+        """The PNG of a finished job's image `index`, or None (ids are checked: no request names a path)."""
+        job = self.get(job_id)
+        if job is None or job.status != "done" or not 0 <= index < job.request.n:
+            return None
+        path = self.store.image_path(job_id, index)
+        return path if path.is_file() else None
+
+    # --- validation ----------------------------------------------------------------------------------
+
+    def prepare(self, request: Request) -> Request:
+        """Fill defaults (model; size: the source image's, else the model's; seed) and check what depends on the
+        model. Raises FieldError. Preparing a prepared request changes nothing."""
+        if not self._ready:
+            raise Rejected(503, "the server is not ready (loading models)", 5)
+        model = request.model or self.default_model
+        if model not in self.models:
+            raise FieldError("model", f"must be one of {sorted(self.models)}; got {model!r}")
+        pipe = self.models[model]
+        factor, size = pipe.downsample_factor, (pipe.default_size, pipe.default_size)
+        source = request.image if request.image is not None else request.control_image
+        if source is not None and (request.width is None or request.height is None):
+            w, h = _open_image("image" if request.image is not None else "control_image", source).size
+            size = (max(factor, w - w % factor), max(factor, h - h % factor))
+        width = request.width or size[0]
+        height = request.height or size[1]
+        for name, value in (("width", width), ("height", height)):
+            if value % factor:
+                raise FieldError(name, f"must be a multiple of {factor}; got {value}")
+        try:
+            choice = resolve(request.sampler)
+        except ValueError as e:
+            raise FieldError("sampler", str(e)) from None
+        if choice.family == "flow":
+            raise FieldError("sampler", f"{request.sampler!r} is for flow-matching models; this model is a DDPM model")
+        if request.scheduler is not None:
+            try:
+                resolve(request.sampler, request.scheduler)
+            except ValueError as e:
+                raise FieldError("scheduler", str(e)) from None
+        if request.steps > pipe.schedule.num_train_timesteps:
+            raise FieldError("steps", f"must be <= {pipe.schedule.num_train_timesteps}; got {request.steps}")
+        for name in BYTES_FIELDS:
+            data = getattr(request, name)
+            if data is not None:
+                _open_image(name, data)
+        if request.mask is not None and request.image is None:
+            raise FieldError("mask", "a mask needs an image to inpaint")
+        if request.image is not None and not _accepts(pipe, "image"):
+            raise FieldError("image", "this server's pipeline cannot do img2img or inpainting yet")
+        if request.control_image is not None and request.control_type not in self.controlnets:
+            raise FieldError("control_type", f"must be one of {sorted(self.controlnets)} (the ControlNets this "
+                                             f"server holds); got {request.control_type!r}")
+        seed = request.seed if request.seed is not None and request.seed >= 0 else random.randint(0, MAX_SEED)
+        return dataclasses.replace(request, model=model, width=width, height=height, seed=seed)
+
+    # --- the worker ----------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        try:
+            for name, source in self._sources.items():
+                self.models[name] = source if isinstance(source, Pipeline) else source()
+            for name, net in self.controlnets.items():
+                if isinstance(net, (str, Path)):
+                    self.controlnets[name] = load_controlnet(net)
+            for pipe in self.models.values():  # warm-up: the first call pays for lazy initialisation
+                pipe("warm-up", steps=1, seed=0, progress=False)
+        except Exception as e:  # the process stays up, not ready, and says why
+            self.load_error = f"{type(e).__name__}: {e}"
+            log.exception("model loading failed")
+            return
+        self._resume()
+        with self._cond:
+            self._ready = self._accepting = not self._stopping
+        log.info("engine ready", extra={"models": list(self.models), "queued": len(self._queue)})
+        while (batch := self._next_batch()) is not None:
+            try:
+                self._run(batch)
+            except Exception as e:  # never lose the worker: fail what is left of the batch
+                log.exception("engine error", extra={"jobs": [j.id for j in batch]})
+                for job in batch:
+                    self._finish(job, "failed", error=_plain(e), failure="internal")
+
+    def _reap(self) -> None:
+        """Expire queued jobs on time even while the worker is inside a long step."""
+        with self._cond:
+            while not self._closed:
+                self._expire_queued()
+                self._cond.wait(0.1)
+
+    def _resume(self) -> None:
+        """Queue again the native jobs the last process accepted but did not finish."""
+        for row in self.store.unfinished():
+            if row["kind"] != "job":
+                self.store.update(row["id"], status="cancelled", finished=time.time(),
+                                  error="the server restarted; the waiting client was gone")
+                continue
+            job = Job(row["id"], Request.from_json(row["request"]), kind="job", created=row["created"])
+            job.deadline = job.enqueued + min(self.timeout_s, job.request.timeout_s or math.inf)
+            self.store.update(job.id, status="queued", started=None)
+            with self._cond:
+                self._enqueue(job)
+            log.info("job resumed", extra={"job": job.id})
+
+    def _enqueue(self, job: Job) -> None:  # holding self._cond
+        self._queue.append(job)
+        self._jobs[job.id] = job
+        job.emit("queued", {"position": len(self._queue) - 1})
+        self._cond.notify_all()
+
+    def _next_batch(self) -> list[Job] | None:
+        """The oldest job and the queued jobs that can share its forward passes; None when stopping."""
+        with self._cond:
+            while True:
+                self._expire_queued()
+                if self._stopping:
+                    return None
+                if self._queue:
+                    head = self._queue[0]
+                    wait = head.enqueued + self.batch_window_s - time.monotonic()
+                    if self.max_batch == 1 or wait <= 0 or self._batch_images(head) >= self._expected_images():
+                        break
+                    self._cond.wait(wait)
+                else:
+                    self._cond.wait(0.5)  # wake now and then to expire deadlines
+            head = self._queue[0]
+            batch, images = [head], head.request.n
+            for job in list(self._queue)[1:]:
+                if images + job.request.n <= self.max_batch and self._key(job) == self._key(head):
+                    batch.append(job)
+                    images += job.request.n
+            now = time.time()
+            for job in batch:
+                self._queue.remove(job)
+                job.status, job.started = "running", now
+                self.metrics.observe("queue_wait_seconds", time.monotonic() - job.enqueued)
+        for job in batch:
+            self.store.update(job.id, status="running", started=now)
+            job.emit("started", {"batch_jobs": len(batch), "batch_images": images})
+        return batch
+
+    def _expected_images(self) -> int:
+        """How many images to wait for (up to batch_window_s): as many as the last batch had when it ended just
+        now, since its clients are likely sending their next requests; otherwise none beyond the first."""
+        recent = time.monotonic() - self._last_batch[1] < 1.0
+        return min(self.max_batch, self._last_batch[0] if recent else 1)
+
+    def _batch_images(self, head: Job) -> int:
+        key = self._key(head)
+        return sum(job.request.n for job in self._queue if self._key(job) == key)
+
+    def _key(self, job: Job) -> tuple:
+        """Jobs with equal keys share forward passes. Edits (img2img, ControlNet) run alone."""
+        if job.key is None:
+            r = job.request
+            if r.image is not None or r.control_image is not None:
+                job.key = ("alone", job.id)
+            else:  # the prompt chunk count fixes the conditioning's shape (long prompts get more 77-token chunks)
+                texts = [r.prompt, r.negative_prompt] if r.guidance_scale > 1 else [r.prompt]
+                chunks = self.models[r.model].text_encoder.tokenize(texts).shape[1]
+                job.key = (r.model, r.width, r.height, resolve(r.sampler, r.scheduler), r.steps, chunks)
+        return job.key
+
+    def _expire_queued(self) -> None:  # holding self._cond
+        now = time.monotonic()
+        for job in [j for j in self._queue if now > j.deadline]:
+            self._queue.remove(job)
+            self._finish(job, "failed", error=_deadline_message(job), failure="deadline")
+
+    def _run(self, batch: list[Job]) -> None:
+        """One pipeline call for a batch; on an error with several jobs, each runs again alone."""
+        start = time.monotonic()
+        active = list(batch)
+        with self._cond:
+            self._running = list(batch)
+        try:
+            result = self._generate(batch, active)
+        except Cancelled:
+            result = None
+        except Exception as e:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()  # an OOM fails the request, not the server
+            self.metrics.inc("errors_total", kind=type(e).__name__)
+            log.exception("generation failed", extra={"jobs": [j.id for j in active]})
+            alive = [j for j in active if j.status not in FINAL]
+            if len(alive) > 1:
+                for job in alive:
+                    self._run([job])
+            elif alive:
+                self._finish(alive[0], "failed", error=_plain(e),
+                             failure="invalid" if isinstance(e, ValueError) else "internal")
+            return
+        finally:
+            with self._cond:
+                self._running = []
+        elapsed = time.monotonic() - start
+        self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
+        self._last_batch = (sum(job.request.n for job in batch), time.monotonic())
+        self.metrics.observe("run_seconds", elapsed)
+        if result is None:
+            if self._abort:  # shutdown past its grace period: native jobs run again after the restart
+                for job in batch:
+                    if job.status not in FINAL and job.kind == "sync":
+                        self._finish(job, "cancelled", error="the server shut down during the job")
+                    elif job.status not in FINAL:
+                        self.store.update(job.id, status="queued", started=None)
+            return
+        row = 0
+        for job in batch:
+            rows = range(row, row + job.request.n)
+            row += job.request.n
+            if job.status not in FINAL:
+                self._deliver(job, result, rows, elapsed)
+
+    def _generate(self, batch: list[Job], active: list[Job]):
+        """Run the pipeline on all rows of a batch, with the per-step callback."""
+        r0 = batch[0].request
+        pipe = self.models[r0.model]
+        prompts, negatives, scales, seeds = [], [], [], []
+        for job in batch:
+            r = job.request
+            prompts += [r.prompt] * r.n
+            negatives += [r.negative_prompt if r.guidance_scale > 1 else ""] * r.n
+            scales += [r.guidance_scale] * r.n
+            seeds += job.seeds
+        images = len(prompts)
+        self.metrics.observe("batch_images", images)
+        self.metrics.observe("batch_jobs", len(batch))
+        log.info("batch started", extra={"jobs": [j.id for j in batch], "images": images})
+        callback = _StepCallback(self, pipe, batch, active)
+        kwargs = _edit_kwargs(r0, self.controlnets) if len(batch) == 1 else {}
+        result = pipe(prompts, negative_prompt=negatives, steps=r0.steps,
+                      guidance_scale=scales if len(set(scales)) > 1 else scales[0], sampler=r0.sampler,
+                      scheduler=r0.scheduler, width=r0.width, height=r0.height, seed=seeds, callback=callback,
+                      progress=False, **kwargs)
+        self.metrics.inc("images_total", images)
+        return result
+
+    def _deliver(self, job: Job, result, rows: range, elapsed: float) -> None:
+        """Write a job's images (PNG with its parameters), then mark it done."""
+        r = job.request
+        params = []
+        for i, row in enumerate(rows):
+            p = image_params(result.params, row)
+            if r.guidance_scale <= 1:  # as if alone: no negative prompt without guidance
+                p["negative_prompt"] = None
+            self.store.write_image(job.id, i, png_bytes(result.images[row], p))
+            params.append(p)
+        self._finish(job, "done", result=dict(images=r.n, seeds=job.seeds, params=params, elapsed_s=round(elapsed, 3)))
+
+    def _finish(self, job: Job, status: str, *, error: str | None = None, result: dict | None = None,
+                failure: str | None = None) -> bool:
+        """Make a job final exactly once: store first, then memory, then the event."""
+        with job._lock:
+            if job.status in FINAL:
+                return False
+            job.status, job.finished, job.error, job.result = status, time.time(), error, result
+            job.failure = failure
+        self.store.update(job.id, status=status, finished=job.finished, error=error, result=result)
+        with self._cond:
+            self._jobs.pop(job.id, None)
+            self._finished[job.id] = job
+            while len(self._finished) > self._finished_cap:
+                self._finished.popitem(last=False)
+        self.metrics.inc("jobs_total", status=status)
+        job.done.set()
+        job.emit(status, final_data(job))
+        log.info(f"job {status}", extra={"job": job.id, "error": error,
+                                          "elapsed_s": round(job.finished - job.created, 3)})
+        return True
+
+    def _make_metrics(self) -> Metrics:
+        m = Metrics()
+        m.gauge("queue_depth", "Jobs waiting in the queue.", lambda: len(self._queue))
+        m.gauge("inflight_jobs", "Jobs in the running batch.", lambda: len(self._running))
+        m.gauge("ready", "1 when models are loaded and the engine accepts jobs.", lambda: int(self.ready))
+        m.counter("jobs_total", "Jobs finished, by status.")
+        m.counter("images_total", "Images generated.")
+        m.counter("errors_total", "Failed pipeline calls, by exception type.")
+        m.counter("rejections_total", "Requests refused, by reason (queue_full, not_ready, invalid).")
+        m.counter("http_requests_total", "HTTP responses, by status code.")
+        m.histogram("batch_images", "Images per forward pass.", BATCH_BUCKETS)
+        m.histogram("batch_jobs", "Jobs merged into one pipeline call.", BATCH_BUCKETS)
+        m.histogram("step_seconds", "Wall time of one denoising step (whole batch).")
+        m.histogram("queue_wait_seconds", "Time from submission to the start of a job.")
+        m.histogram("run_seconds", "Wall time of one pipeline call.")
+        return m
+
+
+class _StepCallback:
+    """Per sampler step: drop cancelled and expired rows, stop when none is left, emit progress and previews."""
+
+    def __init__(self, engine: Engine, pipe, batch: list[Job], active: list[Job]):
+        self.engine, self.pipe, self.batch, self.active = engine, pipe, batch, active
+        self.start = self.last = time.monotonic()
+        self.rows, row = {}, 0
+        for job in batch:
+            self.rows[job.id] = row
+            row += job.request.n
+
+    def __call__(self, step) -> None:
+        engine, now = self.engine, time.monotonic()
+        engine.metrics.observe("step_seconds", now - self.last)
+        self.last = now
+        for job in list(self.active):
+            if job.status in FINAL:  # cancelled by the client
+                self.active.remove(job)
+            elif now > job.deadline:
+                self.active.remove(job)
+                engine._finish(job, "failed", error=_deadline_message(job), failure="deadline")
+        if not self.active or engine._abort:
+            raise Cancelled
+        with engine._cond:
+            engine._expire_queued()
+        previews = [j for j in self.active if j.request.preview and now - j._last_preview >= engine.preview_interval_s]
+        decoded = self._previews(step, previews) if previews else {}
+        for job in self.active:
+            data = dict(step=step.i + 1, steps=job.request.steps, sigma=round(float(step.sigma), 5),
+                        elapsed_s=round(now - self.start, 3))
+            job.progress = data
+            if job in decoded:
+                job._last_preview = now
+                data = dict(data, preview_x=decoded[job][0], preview_x0=decoded[job][1])
+            job.emit("progress", data)
+
+    def _previews(self, step, jobs: list[Job]) -> dict:
+        """Decode x_t (scaled to unit variance) and the denoised estimate of each job's first image."""
+        vae = self.pipe.vae
+        rows = [self.rows[job.id] for job in jobs]
+        x = step.x[rows] / (1 + float(step.sigma) ** 2) ** 0.5
+        z = torch.cat([x, step.denoised[rows]])
+        param = next(vae.parameters())
+        with torch.inference_mode():
+            images = to_pil(vae.decode(z.to(param.device, param.dtype) / vae.scaling_factor + vae.shift_factor))
+        n = len(jobs)
+        return {job: (_data_url(images[i]), _data_url(images[n + i])) for i, job in enumerate(jobs)}
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _accepts(pipe, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(pipe.__call__).parameters
+
+
+def _open_image(name: str, data: bytes) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))  # reads the header only
+    except Exception:
+        raise FieldError(name, "is not a readable image (send a base64 PNG or JPEG)") from None
+    if image.width * image.height > MAX_IMAGE_PIXELS:  # checked before the pixels are decompressed
+        raise FieldError(name, f"has {image.width}x{image.height} pixels; at most {MAX_IMAGE_PIXELS} are accepted")
+    try:
+        image.load()
+    except Exception:
+        raise FieldError(name, "is not a readable image (send a base64 PNG or JPEG)") from None
+    return image
+
+
+def _edit_kwargs(r: Request, controlnets: dict) -> dict:
+    """img2img / inpainting / ControlNet arguments for a job that runs alone."""
+    kwargs = {}
+    if r.image is not None:
+        kwargs.update(image=_open_image("image", r.image).convert("RGB"), strength=r.strength)
+    if r.mask is not None:
+        kwargs["mask_image"] = _open_image("mask", r.mask).convert("L")
+    if r.control_image is not None:
+        kwargs.update(controlnet=controlnets[r.control_type], control_image=_open_image("control_image",
+                      r.control_image).convert("RGB"), controlnet_conditioning_scale=r.controlnet_scale)
+    return kwargs
+
+
+def _data_url(image: Image.Image, size: int = 256) -> str:
+    image.thumbnail((size, size))  # a preview, not a result: small whatever the model's size
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _deadline_message(job: Job) -> str:
+    waited = "in the queue" if job.status == "queued" else "while running"
+    return f"deadline exceeded {waited}: the job did not finish within its time limit"
+
+
+def _plain(e: Exception) -> str:
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return "the device ran out of memory for this request; try fewer images or a smaller size"
+    if isinstance(e, ValueError):
+        return str(e)
+    return f"the generation failed ({type(e).__name__}: {e})"
