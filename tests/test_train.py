@@ -352,3 +352,16 @@ def test_two_gloo_processes_equal_one_process_on_the_combined_batch(tmp_path, va
     assert rank0.keys() == single.state.keys()
     diff = max((rank0[k].float() - single.state[k].float()).abs().max().item() for k in rank0)
     assert diff <= 1e-6, diff
+
+
+def test_a_vae_run_with_vae_path_fine_tunes_that_vae(tmp_path):
+    """model.vae_path on a vae run starts from those weights (fine-tuning, e.g. the shapes VAE on emoji)."""
+    torch.manual_seed(123)  # not the run's own seed, so a fresh init would differ
+    vae = AutoencoderKL(VAE_PRESETS["tiny"])
+    save_component(tmp_path / "start", vae.state_dict(), vae.to_config(), "diffusion_pytorch_model.safetensors")
+    config = vae_config(tmp_path / "run", "--train.steps=1", f"--model.vae_path={tmp_path / 'start'}",
+                        "--optim.lr=1e-9", "--train.ema_decay=0")
+    ema = {k.removeprefix("vae."): v for k, v in train(config, dataset=Squares()).ema_state.items()}
+    start = vae.state_dict()
+    assert ema.keys() == start.keys()
+    assert max((ema[k] - start[k]).abs().max().item() for k in start) < 1e-6  # one step at lr 1e-9 from there

@@ -43,22 +43,183 @@ def _generate(args) -> None:
 
     from .pipeline import Pipeline
 
+    if args.from_image:
+        return _regenerate(args)
+    if args.prompt is None:
+        raise ValueError("prompt: give a prompt, or --from IMAGE to regenerate an image")
+    _check_png(args.out)
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
-                                    prediction_type=args.prediction_type, offload=args.offload)
+                                    prediction_type=args.prediction_type, offload=args.offload,
+                                    safety_checker=_safety_option(args))
+    _configure_safety(pipe, args)
     if args.attention_slicing:
         pipe.enable_attention_slicing()
     if args.vae_tiling:
         pipe.vae.enable_tiling()
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
-                  seed=args.seed, num_images=args.num_images, clip_skip=args.clip_skip)
+                  seed=_seeds(args.seed, args.num_images), num_images=args.num_images, clip_skip=args.clip_skip,
+                  **_control_kwargs(args), **_edit_kwargs(args, pipe))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
-        image.save(path)
+        _save(image, result, i, path)
         print(f"wrote {path} (seed {result.params['seeds'][i]})")
+
+
+# --- image files with their parameters, safety options, regeneration (reverie.metadata, reverie.safety) -------
+
+
+def _check_png(out) -> None:
+    if Path(out).suffix.lower() != ".png":
+        raise ValueError(f"--out: images are written as PNG files with their parameters; got {out!r}")
+
+
+def _seeds(seed, num_images: int):
+    """One seed per image, counting up from `seed` (A1111's convention): each image's seed regenerates it."""
+    import random
+
+    if num_images < 2:
+        return seed
+    base = random.randint(0, 2**32 - num_images) if seed is None else seed
+    return [base + i for i in range(num_images)]
+
+
+def _save(image, result, index: int, path) -> None:
+    from .metadata import image_params, save_png
+
+    save_png(image, image_params(result.params, index, record_batch=True), path)
+
+
+def _safety_option(args):
+    """Pipeline.from_pretrained's safety_checker from --safety-checker (auto | none | FOLDER)."""
+    return {"auto": "auto", "none": None}.get(args.safety_checker, args.safety_checker)
+
+
+def _configure_safety(pipe, args) -> None:
+    """Add --deny-list terms and the --nsfw-replacement to the pipeline's safety filter."""
+    from .safety import SafetyFilter, read_deny_list
+
+    deny = read_deny_list(args.deny_list) if args.deny_list else []
+    checker = pipe.safety_checker.checker if pipe.safety_checker is not None else None
+    if checker is not None or deny:
+        pipe.safety_checker = SafetyFilter(checker, deny, replacement=args.nsfw_replacement)
+
+
+def _add_safety_arguments(parser) -> None:
+    parser.add_argument("--safety-checker", default="auto",
+                        help="auto (on when the model folder ships one), none, or a checker folder: a "
+                             "StableDiffusionSafetyChecker or a transformers image-classification model")
+    parser.add_argument("--deny-list", default=None, help="text file of terms (one a line) whose prompts are flagged")
+    parser.add_argument("--nsfw-replacement", default="black", choices=["black", "blur"],
+                        help="what a flagged image is replaced by (default: black)")
+
+
+def _load(args, model):
+    import torch
+
+    from .pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_path(model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+                                    safety_checker=_safety_option(args))
+    _configure_safety(pipe, args)
+    return pipe
+
+
+def _regenerate(args) -> None:
+    """generate --from IMAGE: the image's recorded request again (its whole batch, so the pixels match)."""
+    from .metadata import generation_kwargs, model_hash, read_png_info, request_from_infotext
+
+    _check_png(args.out)
+    try:
+        info = read_png_info(args.from_image)
+    except ValueError as e:
+        raise ValueError(f"--from: {args.from_image}: {e}") from None
+    request = info["request"] or (request_from_infotext(info["parameters"]) if info["parameters"] else None)
+    if request is None:
+        raise ValueError(f"--from: {args.from_image} carries no generation parameters")
+    kwargs, index, ignored = generation_kwargs(request)
+    if ignored:
+        print(f"note: not reproduced from the image: {', '.join(ignored)}", file=sys.stderr)
+    model = args.model
+    if model is None and request.get("model") is not None:
+        try:
+            model_path(request["model"])
+            model = request["model"]
+        except ValueError:
+            raise ValueError(f"--model: the image was made with {request['model']!r}, which is neither a path nor "
+                             f"a bundled model; pass --model") from None
+    pipe = _load(args, model)
+    if request.get("model_hash") and pipe.source is not None and model_hash(pipe.source) != request["model_hash"]:
+        print(f"warning: model hash {model_hash(pipe.source)} differs from the image's {request['model_hash']}: "
+              f"the image will differ", file=sys.stderr)
+    result = pipe(**kwargs)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    _save(result.images[index], result, index, args.out)
+    print(f"wrote {args.out} (seed {result.params['seeds'][index]})")
+
+
+def _info(args) -> None:
+    import json
+
+    from .metadata import read_png_info
+
+    info = read_png_info(args.image)
+    print(info["info"] or "(no A1111 parameters)")
+    print()
+    print(json.dumps(info["request"], indent=2, sort_keys=True) if info["request"] else "(no reverie request)")
+    for key, value in info["items"].items():
+        print(f"\n{key}: {value}")
+
+
+def _batch(args) -> None:
+    from .batch import read_requests, run_batch
+
+    defaults = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                    scheduler=args.scheduler, width=args.width, height=args.height, clip_skip=args.clip_skip)
+    requests = read_requests(args.prompts, **defaults)  # checked before the model loads
+    summary = run_batch(_load(args, args.model), requests, args.out, batch_size=args.batch_size, base_seed=args.seed)
+    print(f"{summary['generated']} images generated, {summary['skipped']} already there, {summary['flagged']} "
+          f"flagged; manifest: {summary['manifest']}")
+
+
+def _cost(args) -> None:
+    from . import cost
+    from .samplers import resolve
+
+    samplers = cost.parse_list(args.samplers, "--samplers") if args.samplers else cost.ddpm_samplers()
+    for sampler in samplers:
+        resolve(sampler)
+    steps = cost.parse_list(args.steps, "--steps", int)
+    path, pipe = model_path(args.model), None
+    given = [name for name, value in (("--gpu", args.gpu), ("--eval-ms", args.eval_ms), ("--fixed-ms", args.fixed_ms))
+             if value is not None]
+    if args.calibration:
+        calibration = cost.Calibration.load(args.calibration)
+    elif given:
+        if len(given) < 3:
+            raise ValueError("--gpu, --eval-ms, --fixed-ms: figures for another machine need all three, measured "
+                             "there (or --calibration FILE saved there with --save)")
+        calibration = cost.Calibration(args.gpu, args.eval_ms / 1e3, args.fixed_ms / 1e3, args.batch_size,
+                                       model=path.stem, how="given")
+    else:
+        pipe = _load(args, args.model)
+        calibration = cost.calibrate(pipe, batch_size=args.batch_size, width=args.width, height=args.height,
+                                     guidance_scale=args.guidance, repeats=args.repeats)
+        if args.save:
+            calibration.save(args.save)
+    schedule = cost.schedule_of(path)
+    rows = cost.table(calibration, schedule, samplers, steps, args.price_per_hour)
+    print(cost.format_table(rows, calibration, args.price_per_hour))
+    if pipe is not None and args.check:
+        predicted, measured = cost.check(pipe, calibration, schedule, "heun", 10, args.guidance, args.width, args.height)
+        evaluations = cost.count_evaluations("heun", 10, schedule)
+        print(f"\ncheck, heun at 10 steps ({evaluations} evaluations): predicted {predicted:.3f} s, measured "
+              f"{measured:.3f} s ({(measured / predicted - 1) * 100:+.1f}%)")
+    if args.save and pipe is not None:
+        print(f"saved the calibration to {args.save}")
 
 
 def _eval(args) -> None:
@@ -66,10 +227,128 @@ def _eval(args) -> None:
     from .pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device)
+    if args.controlnet:
+        _eval_control(args, pipe)
+        return
     captions = shapes_captions(args.split, args.n, args.caption_seed)
+    if args.sweep:
+        _eval_sweep(args, pipe, captions)
+        return
     scores = evaluate_shapes(pipe, captions, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                              seed=args.seed)
     print(f"shapes adherence, {args.split} captions, {args.sampler}, {args.steps} steps, guidance {args.guidance}:")
+    for key, value in scores.items():
+        print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+
+
+def _eval_sweep(args, pipe, captions) -> None:
+    from .eval import adherence
+
+    if args.sweep == "cfg":
+        rows = adherence.cfg_sweep(pipe, captions, steps=args.steps, sampler=args.sampler, seed=args.seed)
+        print(f"guidance trade-off, {args.split} captions, {args.sampler}, {args.steps} steps:")
+        print("  guidance  one-object  two-object  diversity")
+        for r in rows:
+            print(f"  {r['guidance']:8g}  {r['one']:10.3f}  {r['two']:10.3f}  {r['diversity']:9.4f}")
+        plot = adherence.plot_cfg_sweep
+    else:
+        rows = adherence.steps_sweep(pipe, captions, guidance_scale=args.guidance, seed=args.seed)
+        print(f"adherence against steps, {args.split} captions, guidance {args.guidance}:")
+        print("  sampler     steps  fully-correct  one-object  two-object  seconds")
+        for r in rows:
+            print(f"  {r['sampler']:10s}  {r['steps']:5d}  {r['fully_correct']:13.3f}  {r['one']:10.3f}  "
+                  f"{r['two']:10.3f}  {r['seconds']:7.1f}")
+        plot = adherence.plot_steps_sweep
+    if args.plot:
+        print(f"wrote {plot(rows, args.plot)}")
+
+
+# --- ControlNet (reverie.control, reverie.eval.control) ------------------------------------------------------
+
+
+def _add_control_arguments(parser, evaluating: bool = False) -> None:
+    parser.add_argument("--controlnet", default=None, metavar="PATH",
+                        help="a ControlNet folder (diffusers ControlNetModel layout)" +
+                             ("; score how its images follow their controls" if evaluating else ""))
+    if not evaluating:
+        parser.add_argument("--control", default=None, metavar="IMAGE", help="the control image for --controlnet")
+    parser.add_argument("--control-type", default=None,
+                        help="none (the image is a control image already), canny or segmentation" + (
+                            " (default: the ControlNet's recorded type, else segmentation)" if evaluating else
+                            " (default: none)"))
+    parser.add_argument("--control-scale", type=float, default=1.0, help="controlnet_conditioning_scale (default 1)")
+    if not evaluating:
+        parser.add_argument("--control-start", type=float, default=0.0, help="fraction of the steps before it acts")
+        parser.add_argument("--control-end", type=float, default=1.0, help="fraction of the steps after which it stops")
+
+
+def _control_kwargs(args) -> dict:
+    """Pipeline keywords from generate's --control IMAGE --controlnet PATH and their options."""
+    if args.control is None and args.controlnet is None:
+        return {}
+    if args.control is None or args.controlnet is None:
+        raise ValueError("--control and --controlnet go together: a control image and the ControlNet that reads it")
+    from .control import preprocess
+
+    return dict(controlnet=args.controlnet, control_image=preprocess(args.control, args.control_type or "none"),
+                controlnet_conditioning_scale=args.control_scale, control_guidance_start=args.control_start,
+                control_guidance_end=args.control_end)
+
+
+# --- img2img, inpainting, outpainting (reverie.edit) -------------------------------------------------------------
+
+
+def _add_edit_arguments(parser) -> None:
+    parser.add_argument("--image", default=None, metavar="IMAGE", help="img2img / inpainting: the image to edit")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="fraction of the steps run from the noised image: 0 keeps it, 1 ignores it "
+                             "(default: 0.75, 1 with --mask or --outpaint)")
+    parser.add_argument("--mask", default=None, metavar="IMAGE", help="inpainting mask for --image: white = repaint")
+    parser.add_argument("--mask-blur", type=float, default=4, help="mask edge blur in pixels (default: 4)")
+    parser.add_argument("--inpaint-only-masked", action="store_true",
+                        help="inpaint a crop around the mask at the model's resolution, then paste it back")
+    parser.add_argument("--inpaint-padding", type=int, default=32, help="pixels around the mask in that crop "
+                                                                        "(default: 32)")
+    parser.add_argument("--fill", default="original", help="masked area starts from: original, fill (colours from "
+                                                           "around it), 'latent noise', 'latent nothing'")
+    parser.add_argument("--outpaint", default=None, metavar="L,R,T,B",
+                        help="extend --image by these many pixels left, right, top and bottom, and paint them")
+
+
+def _edit_kwargs(args, pipe) -> dict:
+    """Pipeline keywords from generate's --image, --mask, --outpaint and their options."""
+    if args.image is None:
+        for flag, value in (("--mask", args.mask), ("--outpaint", args.outpaint), ("--strength", args.strength)):
+            if value is not None:
+                raise ValueError(f"{flag} needs --image")
+        return {}
+    from .edit import outpaint
+
+    image, mask = args.image, args.mask
+    if args.outpaint is not None:
+        if mask is not None:
+            raise ValueError("--outpaint makes its own mask; do not pass --mask")
+        try:
+            left, right, top, bottom = (int(v) for v in args.outpaint.split(","))
+        except ValueError:
+            raise ValueError(f"--outpaint must be four integers LEFT,RIGHT,TOP,BOTTOM; got {args.outpaint!r}") from None
+        image, mask = outpaint(image, left, right, top, bottom, multiple=pipe.downsample_factor, field="--outpaint")
+    return dict(image=image, mask_image=mask, strength=args.strength, mask_blur=args.mask_blur,
+                inpaint_only_masked=args.inpaint_only_masked, inpaint_padding=args.inpaint_padding, fill=args.fill)
+
+
+def _eval_control(args, pipe) -> None:
+    from .eval.control import evaluate_control
+    from .formats.folder import read_json
+    from .loading import controlnet_folder
+
+    folder = controlnet_folder(args.controlnet)
+    control_type = args.control_type or read_json(folder / "config.json").get("_control_type", "segmentation")
+    scores = evaluate_control(pipe, folder, control_type=control_type, split=args.split, n=args.n,
+                              scenes_seed=args.caption_seed, steps=args.steps, guidance_scale=args.guidance,
+                              sampler=args.sampler, seed=args.seed, conditioning_scale=args.control_scale)
+    print(f"control adherence ({control_type}), {args.split} scenes, {args.sampler}, {args.steps} steps, "
+          f"guidance {args.guidance}, control scale {args.control_scale}:")
     for key, value in scores.items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
@@ -93,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
 
     gen = sub.add_parser("generate", help="generate images from a prompt")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (not with --from)")
+    gen.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
+                     help="regenerate the image from the parameters in its PNG (the same pixels, on the same "
+                          "device and dtype); --model, --device, --dtype, --out apply, the other options do not")
     gen.add_argument("--model", help="a bundled model's name (default: shapes), a diffusers folder or a "
                                      "single-file .safetensors checkpoint")
     gen.add_argument("--negative", default=None, help="negative prompt")
@@ -115,6 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--attention-slicing", action="store_true", help="less memory, a little slower")
     gen.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until each is needed")
+    _add_safety_arguments(gen)
+    _add_control_arguments(gen)
+    _add_edit_arguments(gen)
     gen.set_defaults(run=_generate)
 
     add_train_parser(sub)
@@ -129,11 +414,96 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--caption-seed", type=int, default=1)
     ev.add_argument("--device", default="cpu")
+    ev.add_argument("--sweep", choices=["cfg", "steps"], default=None,
+                    help="cfg: adherence and diversity at guidance 1, 2, 4, 7.5, 12, 20; "
+                         "steps: adherence against steps for ddim, euler, dpmpp_2m, unipc")
+    ev.add_argument("--plot", default=None, help="with --sweep: write the plot to this PNG")
+    _add_control_arguments(ev, evaluating=True)
     ev.set_defaults(run=_eval)
 
     samplers = sub.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(run=_samplers)
+    _add_output_parsers(sub)
+    _add_serve_parser(sub)
     return parser
+
+
+# --- the generation server (reverie.server) ------------------------------------------------------------------
+
+
+def _add_serve_parser(sub) -> None:
+    """Command `serve`."""
+    from .server.cli import add_arguments
+
+    serve = sub.add_parser("serve", help="serve generation over HTTP: OpenAI images API, A1111 /sdapi/v1, async "
+                                         "jobs with progress events, the playground at /")
+    serve.add_argument("--model", help="a bundled model's name (default: shapes) or a model path")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    serve.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_safety_arguments(serve)
+    add_arguments(serve)
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args) -> None:
+    from .server.cli import serve
+
+    path = model_path(args.model)  # checked now: a wrong --model fails before the port opens
+    serve(args, path.stem, lambda: _load(args, args.model))
+
+
+def _add_output_parsers(sub) -> None:
+    """Commands `info`, `batch` and `cost`."""
+    info = sub.add_parser("info", help="print the generation parameters stored in a PNG")
+    info.add_argument("image")
+    info.set_defaults(run=_info)
+
+    batch = sub.add_parser("batch", help="generate every prompt of a .txt (one a line) or .jsonl (one request a line) "
+                                         "file; rerun to finish an interrupted batch")
+    batch.add_argument("prompts", help="PROMPTS.txt or PROMPTS.jsonl (fields: prompt, negative_prompt, seed, steps, "
+                                       "guidance_scale, guidance_rescale, sampler, scheduler, width, height, "
+                                       "clip_skip, n)")
+    batch.add_argument("--out", default="batch", help="output folder (default: batch)")
+    batch.add_argument("--model", help="a bundled model's name (default: shapes) or a model path")
+    batch.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
+    batch.add_argument("--seed", type=int, default=0, help="base seed for requests without one: image k gets seed+k")
+    batch.add_argument("--negative", default=None, help="default negative prompt")
+    batch.add_argument("--steps", type=int, default=30)
+    batch.add_argument("--guidance", type=float, default=7.5)
+    batch.add_argument("--sampler", default="dpmpp_2m")
+    batch.add_argument("--scheduler", default=None)
+    batch.add_argument("--width", type=int, default=None)
+    batch.add_argument("--height", type=int, default=None)
+    batch.add_argument("--clip-skip", type=int, default=None)
+    batch.add_argument("--device", default="cpu")
+    batch.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_safety_arguments(batch)
+    batch.set_defaults(run=_batch)
+
+    cost = sub.add_parser("cost", help="measure this machine's throughput and print latency, images per hour and "
+                                       "cost per 1,000 images per sampler and step count")
+    cost.add_argument("--model", help="a bundled model's name (default: shapes) or a model path")
+    cost.add_argument("--price-per-hour", type=float, default=None, help="price of the machine per hour")
+    cost.add_argument("--samplers", default=None, help="comma-separated (default: every DDPM sampler)")
+    cost.add_argument("--steps", default="5,10,20,30,50", help="comma-separated step counts")
+    cost.add_argument("--batch-size", type=int, default=1, help="images per generation (default: 1)")
+    cost.add_argument("--guidance", type=float, default=7.5, help="guidance scale measured with (default: 7.5)")
+    cost.add_argument("--width", type=int, default=None)
+    cost.add_argument("--height", type=int, default=None)
+    cost.add_argument("--repeats", type=int, default=3, help="timed runs per calibration point (median)")
+    cost.add_argument("--device", default="cpu")
+    cost.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    cost.add_argument("--save", default=None, metavar="FILE", help="save the measured figures (JSON)")
+    cost.add_argument("--calibration", default=None, metavar="FILE",
+                      help="figures saved with --save on another machine, instead of measuring here")
+    cost.add_argument("--gpu", default=None, metavar="NAME", help="another machine's name, with its --eval-ms, "
+                                                                  "--fixed-ms (measured there) and --price-per-hour")
+    cost.add_argument("--eval-ms", type=float, default=None, help="milliseconds per evaluation on --gpu")
+    cost.add_argument("--fixed-ms", type=float, default=None, help="fixed milliseconds per generation on --gpu")
+    cost.add_argument("--no-check", dest="check", action="store_false",
+                      help="skip the end-to-end check of a prediction (heun, 10 steps)")
+    _add_safety_arguments(cost)
+    cost.set_defaults(run=_cost)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,7 +20,8 @@ class CFGDenoiser(nn.Module):
     """D_cfg = D_uncond + scale * (D_cond - D_uncond), in one batched forward pass.
 
     cond / uncond: keyword arguments for the denoiser (e.g. encoder_hidden_states=...). A negative prompt
-    is simply `uncond`. scale == 1 skips the unconditional pass. rescale in [0, 1] blends in the guided
+    is simply `uncond`. scale == 1 skips the unconditional pass; a (B,) tensor gives each row its own scale
+    (so requests with different scales share one batch). rescale in [0, 1] blends in the guided
     prediction rescaled to the standard deviation of the conditional one, computed on what the network
     predicts (eps or v) exactly as diffusers' `guidance_rescale` — on eps for denoisers that do not say."""
 
@@ -28,19 +29,22 @@ class CFGDenoiser(nn.Module):
                  rescale: float = 0.0):
         super().__init__()
         self.denoiser, self.cond, self.uncond = denoiser, cond, uncond
-        self.scale = _check_scale("guidance_scale", scale)
+        self.scale = _check_row_scales(scale) if isinstance(scale, Tensor) else _check_scale("guidance_scale", scale)
         self.rescale = _check_scale("guidance_rescale", rescale, 0.0, 1.0)
-        if self.scale != 1 and uncond is None:
+        if (isinstance(self.scale, Tensor) or self.scale != 1) and uncond is None:
             raise ValueError("uncond: guidance_scale != 1 needs unconditional (or negative) conditioning")
         if uncond is not None and set(uncond) != set(cond):
             raise ValueError(f"uncond must have the same keys as cond ({sorted(cond)}); got {sorted(uncond)}")
 
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
-        if self.scale == 1:
+        if not isinstance(self.scale, Tensor) and self.scale == 1:
             return self.denoiser(x, sigma, **self.cond)
         both = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
         d_uncond, d_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
-        guided = d_uncond + self.scale * (d_cond - d_uncond)
+        scale = self.scale
+        if isinstance(scale, Tensor):  # (B,) -> (B, 1, ..., 1)
+            scale = scale.to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
+        guided = d_uncond + scale * (d_cond - d_uncond)
         if self.rescale == 0:
             return guided
         # std ratios are taken per item over all non-batch dims, in the network's output space
@@ -51,6 +55,13 @@ class CFGDenoiser(nn.Module):
         ratio = out_cond.std(dim=dims, keepdim=True) / out_guided.std(dim=dims, keepdim=True)
         out = self.rescale * out_guided * ratio + (1 - self.rescale) * out_guided
         return to_denoised(x, sigma, out)
+
+
+def _check_row_scales(scale: Tensor) -> Tensor:
+    """A (B,) tensor of per-row guidance scales, each finite and >= 0."""
+    if scale.ndim != 1 or not (torch.isfinite(scale).all() and (scale >= 0).all()):
+        raise ValueError(f"guidance_scale must be a number or a 1-D tensor of finite numbers >= 0; got {scale!r}")
+    return scale
 
 
 def _eps_from_denoised(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:

@@ -99,3 +99,49 @@ def save_folder(pipe, path: Path, *, dtype=None) -> None:
         "scheduler": ("diffusers", pipe.scheduler_config.get("_class_name", "DDIMScheduler")),
         "safety_checker": None, "feature_extractor": None,
     }, extra={"requires_safety_checker": False})
+
+
+# --- ControlNets --------------------------------------------------------------------------------------------
+
+
+def controlnet_folder(path: Path) -> Path:
+    """The ControlNetModel folder at `path`: the folder itself (config.json + weights), or the controlnet/
+    component of a diffusers ControlNet pipeline folder."""
+    path = Path(path)
+    for folder in (path, path / "controlnet"):
+        if (folder / "config.json").is_file():
+            return folder
+    raise ValueError(f"controlnet: {path} is not a ControlNet folder (config.json + "
+                     f"diffusion_pytorch_model.safetensors), nor a pipeline folder with controlnet/")
+
+
+def load_controlnet(path, *, allow_pickle: bool = False):
+    """A ControlNet from a diffusers ControlNetModel folder (see controlnet_folder), loaded strictly."""
+    from .models.controlnet import ControlNet
+
+    folder = controlnet_folder(path)
+    return _build(ControlNet, read_config(folder), load_weights(folder, allow_pickle=allow_pickle), "controlnet")
+
+
+def save_controlnet(controlnet, path, *, dtype=None) -> Path:
+    """Write a ControlNet as a diffusers ControlNetModel folder (ControlNetModel.from_pretrained opens it)."""
+    return save_component(Path(path), controlnet.state_dict(), controlnet.to_config(),
+                          "diffusion_pytorch_model.safetensors", dtype)
+
+
+# --- safety checker ---------------------------------------------------------------------------------------------
+
+
+def load_safety_checker(path: Path):
+    """The safety checker a pipeline folder ships (model_index.json names a safety_checker class and the folder
+    has safety_checker/), as a reverie.safety.ConceptChecker reading feature_extractor/ too; None if it ships
+    none (reverie's own folders write [null, null])."""
+    path = Path(path)
+    if not (path / "model_index.json").is_file():
+        return None
+    spec = read_model_index(path).get("safety_checker")
+    if not (isinstance(spec, list) and len(spec) == 2 and spec[1]) or not (path / "safety_checker").is_dir():
+        return None
+    from .safety import ConceptChecker
+
+    return ConceptChecker.from_pretrained(path / "safety_checker", path / "feature_extractor")

@@ -2,7 +2,7 @@
 "caption": str}, 64x64 unless `resolution` says otherwise, deterministic for a given `seed`.
 
     shapes  procedural coloured shapes with spatial relations, and a held-out split (reverie.data.shapes)
-    emoji   every Noto Color Emoji glyph with its CLDR name (needs scripts/install_fonts.sh)
+    emoji   every Noto Color Emoji glyph with its CLDR name (needs scripts/install_system_deps.sh)
     digits  scikit-learn's 8x8 handwritten digits, "the digit 7" (needs scikit-learn)
     folder  a user's image folder with metadata.jsonl or .txt captions
 """

@@ -2,7 +2,7 @@
 
 Names come from Unicode's emoji-test.txt (the fully-qualified entries: "red apple", "thumbs up: medium skin
 tone", "family: man, woman, girl", "flag: Japan"), sequences and skin tones included. Both files come from
-Debian packages that scripts/install_fonts.sh installs: fonts-noto-color-emoji and unicode-data (15.0 in
+Debian packages that scripts/install_system_deps.sh installs: fonts-noto-color-emoji and unicode-data (15.0 in
 Debian 12, the same Unicode version as its font, so nearly every name has a glyph). An emoji the font cannot
 draw as one glyph (no glyph, or a sequence it does not ligate and would draw as several) is skipped and
 counted in `skipped`.
@@ -22,7 +22,7 @@ FONT_PATH = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 NAMES_PATH = "/usr/share/unicode/emoji/emoji-test.txt"
 FONT_SIZE = 109  # Noto Color Emoji is a CBDT bitmap font: its strikes load only at this size
 MARGIN = 0.06  # white border on each side, as a fraction of the image
-INSTALL = "run scripts/install_fonts.sh (Debian packages fonts-noto-color-emoji and unicode-data)"
+INSTALL = "run scripts/install_system_deps.sh (Debian packages fonts-noto-color-emoji and unicode-data)"
 
 
 def read_emoji_names(path: str | Path = NAMES_PATH) -> list[tuple[str, str]]:

@@ -297,6 +297,32 @@ class UpBlock(nn.Module):
         return x
 
 
+def transformer_factory(c: UNetConfig, i: int):
+    """A Transformer2DModel factory (channels -> module) for block i, in the down order, of config c."""
+    heads, depth, cross_dims, only_cross = (c.per_block(k)[i] for k in (
+        "heads", "transformer_layers_per_block", "cross_attention_dim", "only_cross_attention"))
+    return lambda channels: Transformer2DModel(channels, heads, cross_dims, depth, c.norm_num_groups,
+                                               c.use_linear_projection, only_cross, c.dropout)
+
+
+def build_encoder(c: UNetConfig) -> tuple[nn.Conv2d, TimestepEmbedding, nn.ModuleList, MidBlock | None]:
+    """The UNet's conv_in, time_embedding, down_blocks and mid_block: the half a ControlNet copies."""
+    chans, n, layers = c.block_out_channels, len(c.block_out_channels), c.per_block("layers_per_block")
+    temb_dim = c.time_embedding_dim or 4 * chans[0]
+    norm = dict(groups=c.norm_num_groups, eps=c.norm_eps, dropout=c.dropout)
+    conv_in = nn.Conv2d(c.in_channels, chans[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
+    time_embedding = TimestepEmbedding(chans[0], temb_dim)
+    down_blocks = nn.ModuleList([
+        DownBlock(chans[max(i - 1, 0)], chans[i], temb_dim, layers[i], i < n - 1,
+                  transformer_factory(c, i) if kind == "CrossAttnDownBlock2D" else None,
+                  downsample_padding=c.downsample_padding, **norm)
+        for i, kind in enumerate(c.down_block_types)])
+    mid_block = None if c.mid_block_type is None else MidBlock(
+        chans[-1], temb_dim, transformer_factory(c, n - 1) if c.mid_block_type == "UNetMidBlock2DCrossAttn" else None,
+        output_scale_factor=c.mid_block_scale_factor, **norm)
+    return conv_in, time_embedding, down_blocks, mid_block
+
+
 class UNet(nn.Module):
     """The text-conditioned denoising UNet: net(sample, timestep, encoder_hidden_states) -> eps or v, shaped
     like the sample (U-Net, Ronneberger et al. 2015; DDPM's version, Ho et al. 2020; with LDM's cross-attention
@@ -309,30 +335,14 @@ class UNet(nn.Module):
     def __init__(self, config: UNetConfig | None = None):
         super().__init__()
         c = self.config = config or UNetConfig()
-        chans, n = c.block_out_channels, len(c.block_out_channels)
-        layers, heads, depth, cross_dims, only_cross = (c.per_block(k) for k in (
-            "layers_per_block", "heads", "transformer_layers_per_block", "cross_attention_dim", "only_cross_attention"))
+        chans, n, layers = c.block_out_channels, len(c.block_out_channels), c.per_block("layers_per_block")
         temb_dim = c.time_embedding_dim or 4 * chans[0]
         norm = dict(groups=c.norm_num_groups, eps=c.norm_eps, dropout=c.dropout)
-
-        def transformer(i: int):  # Transformer2DModel factory for block i (of the down order)
-            return lambda channels: Transformer2DModel(channels, heads[i], cross_dims[i], depth[i], c.norm_num_groups,
-                                                       c.use_linear_projection, only_cross[i], c.dropout)
-
-        self.conv_in = nn.Conv2d(c.in_channels, chans[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
-        self.time_embedding = TimestepEmbedding(chans[0], temb_dim)
-        self.down_blocks = nn.ModuleList([
-            DownBlock(chans[max(i - 1, 0)], chans[i], temb_dim, layers[i], i < n - 1,
-                      transformer(i) if kind == "CrossAttnDownBlock2D" else None,
-                      downsample_padding=c.downsample_padding, **norm)
-            for i, kind in enumerate(c.down_block_types)])
-        self.mid_block = None if c.mid_block_type is None else MidBlock(
-            chans[-1], temb_dim, transformer(n - 1) if c.mid_block_type == "UNetMidBlock2DCrossAttn" else None,
-            output_scale_factor=c.mid_block_scale_factor, **norm)
+        self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = build_encoder(c)
         self.up_blocks = nn.ModuleList([
             UpBlock(chans[max(n - 2 - i, 0)], chans[min(n - i, n - 1)], chans[n - 1 - i], temb_dim,
                     layers[n - 1 - i] + 1, i < n - 1,
-                    transformer(n - 1 - i) if kind == "CrossAttnUpBlock2D" else None, **norm)
+                    transformer_factory(c, n - 1 - i) if kind == "CrossAttnUpBlock2D" else None, **norm)
             for i, kind in enumerate(c.up_block_types)])
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chans[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)

@@ -167,7 +167,7 @@ def fingerprint(vae: nn.Module, config: Config, length: int) -> str:
 
 
 class VAETask:
-    """Train an AutoencoderKL from scratch on the data set's images."""
+    """Train an AutoencoderKL on the data set's images: from scratch, or fine-tuning model.vae_path."""
 
     kind = "vae"
 
@@ -177,7 +177,8 @@ class VAETask:
         if preset not in VAE_PRESETS:
             raise ValueError(f"model.vae_preset must be one of {', '.join(VAE_PRESETS)}; got {preset!r}")
         torch.manual_seed(config.train.seed)
-        self.vae = AutoencoderKL(VAE_PRESETS[preset])
+        self.vae = load_frozen_vae(config.model.vae_path).requires_grad_(True) if config.model.vae_path else \
+            AutoencoderKL(VAE_PRESETS[preset])
         h, w = check_item(dataset[0])
         f = self.vae.downsample_factor
         if h % f or w % f:
@@ -431,4 +432,130 @@ class UNetTask:
         return path
 
 
-TASKS = {"vae": VAETask, "unet": UNetTask}
+# ------------------------------------------------------------------------------------------------ controlnet
+
+
+class Frozen:
+    """A module held by reference: not a submodule (never trained, not in the objective's state dict or
+    checkpoints) and shared, not copied, when the objective is deep-copied (the EMA)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+class ControlNetObjective(nn.Module):
+    """Per-item latent-diffusion loss of the frozen UNet with a trainable ControlNet's residuals added
+    (Zhang et al. 2023, eq. 1: the UNet's own loss, with the control as an extra condition)."""
+
+    def __init__(self, controlnet: nn.Module, unet: UNet, schedule: DiscreteSchedule, min_snr_gamma: float | None):
+        super().__init__()
+        self.controlnet, self.unet = controlnet, Frozen(unet)
+        self.schedule, self.min_snr_gamma = schedule, min_snr_gamma
+
+    def forward(self, latents: Tensor, t: Tensor, noise: Tensor, context: Tensor, control: Tensor) -> Tensor:
+        def net(x_t, timestep, encoder_hidden_states):  # control: (B, 3, H, W) in [0, 1]
+            down, mid = self.controlnet(x_t, timestep, encoder_hidden_states, control)
+            return self.unet.module(x_t, timestep, encoder_hidden_states, down_block_additional_residuals=down,
+                                    mid_block_additional_residual=mid)
+
+        denoiser = DiscreteDenoiser(net, self.schedule)
+        return denoiser.loss(latents, t=t, noise=noise, min_snr_gamma=self.min_snr_gamma,
+                             encoder_hidden_states=context)
+
+
+class ControlNetTask(UNetTask):
+    """Train a ControlNet for a frozen text-to-image model (model.base_model: its UNet, VAE, text encoder and
+    schedule), initialised from its UNet; each item's control (model.control_type) is derived from the item
+    itself (reverie.control.dataset_control). Exports a diffusers ControlNetModel folder."""
+
+    kind = "controlnet"
+
+    def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
+        from ..cli import model_path
+        from ..control import CONTROL_TYPES, check_control_type
+        from ..loading import load_folder
+        from ..models.controlnet import ControlNet
+
+        self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
+        m, device = config.model, dist.device
+        if not m.base_model:
+            raise ValueError("model.base_model: a controlnet run needs the frozen model it controls (a diffusers "
+                             "folder or a bundled model's name)")
+        self.control_type = check_control_type(m.control_type, "model.control_type")
+        if self.control_type == "none":
+            raise ValueError(f"model.control_type must be one of "
+                             f"{', '.join(repr(k) for k in CONTROL_TYPES if k != 'none')}; got 'none'")
+        unet, vae, text_encoder, self.scheduler_config = load_folder(model_path(m.base_model))
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+        unet.to(device).eval().requires_grad_(False)
+        self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
+        h, w = check_item(dataset[0])
+        f = self.vae.downsample_factor
+        if h % f or w % f:
+            raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f}")
+        self.latent_shape = (self.vae.config.latent_channels, h // f, w // f)
+        self.train_text_encoder, self._ids = False, {}
+        self.captions, self.moments = None, None
+        if config.data.cache_latents:
+            cache = out_dir / "cache" / f"latents-{fingerprint(self.vae, config, len(dataset))}.safetensors"
+            if dist.is_main and not cache.is_file():
+                self._write_cache(cache)
+            dist.barrier()
+            mean, std, self.captions = self._read_cache(cache)
+            self.moments = (mean, std)
+        torch.manual_seed(config.train.seed)  # the control encoder's random init
+        controlnet = ControlNet.from_unet(unet, downsample_factor=f)  # its control encoder downsamples as the VAE
+        self.objective = ControlNetObjective(controlnet, unet, self.schedule, config.train.min_snr_gamma).to(device)
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.objective.controlnet.parameters()), "lr": self.config.optim.lr}]
+
+    def controls(self, indices: list[int]) -> Tensor:
+        """(B, 3, H, W) control images in [0, 1] of data-set items."""
+        from ..control import control_tensor, dataset_control
+
+        images = [dataset_control(self.dataset, i, self.control_type) for i in indices]
+        return control_tensor(images, *images[0].size)
+
+    def inputs(self, step: int, items: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """UNetTask's inputs (latents, t, noise, context), plus each item's control image."""
+        out = super().inputs(step, items)
+        out["control"] = self.controls([i for _, i in items]).to(self.dist.device)
+        return out
+
+    def pipeline(self, ema_objective: ControlNetObjective):
+        from ..pipeline import Pipeline
+
+        return Pipeline(ema_objective.unet.module, self.vae, self.text_encoder, self.schedule,
+                        name=self.out_dir.name, device=self.dist.device, scheduler_config=self.scheduler_config)
+
+    def sample(self, ema_objective: ControlNetObjective, path: Path) -> None:
+        """The first items' controls (top row) and the EMA ControlNet's images for their captions (bottom row)."""
+        from ..pipeline import to_pil
+
+        lg = self.config.log
+        indices = list(range(min(lg.sample_count, len(self.dataset))))
+        captions = [self.dataset[i]["caption"] for i in indices]
+        controls = self.controls(indices)
+        pipe = self.pipeline(ema_objective)
+        result = pipe(captions, steps=lg.sample_steps, guidance_scale=lg.sample_guidance, sampler=lg.sample_sampler,
+                      seed=indices, controlnet=ema_objective.controlnet, control_image=controls, progress=False)
+        save_png_atomic(grid(to_pil(controls * 2 - 1) + result.images, len(indices)), path)
+
+    def export(self, ema_objective: ControlNetObjective, path: Path) -> Path:
+        """The EMA ControlNet as a diffusers ControlNetModel folder; config.json also records the control type
+        ("_control_type", which diffusers ignores)."""
+        controlnet = ema_objective.controlnet
+        tmp = path.with_name(f".tmp-{path.name}-{secrets.token_hex(4)}")
+        save_component(tmp, controlnet.state_dict(), controlnet.to_config() | {"_control_type": self.control_type},
+                       WEIGHTS, getattr(torch, self.config.train.export_dtype))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        replace_dir(tmp, path)
+        return path
+
+
+TASKS = {"vae": VAETask, "unet": UNetTask, "controlnet": ControlNetTask}
