@@ -227,6 +227,20 @@ def test_resume_is_bit_exact(tmp_path, vae_dir, kind):
     assert a_state["scheduler"] == b_state["scheduler"] and a_state["epoch"] == b_state["epoch"] == 2
 
 
+def test_resume_accepts_checkpoints_written_before_a_setting_existed(tmp_path):
+    """A setting added to reverie later (absent from an old checkpoint's config) takes its default on resume;
+    a setting that really differs is still refused."""
+    out = tmp_path / "run"
+    train(vae_config(out, "--train.steps=2", "--train.checkpoint_every=0"), dataset=Squares(n=4))
+    state_file = latest_checkpoint(out / "checkpoints") / "state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["model"]["text_layers"]  # as if written before model.text_layers existed
+    state_file.write_text(json.dumps(state))
+    assert train(vae_config(out, "--train.steps=3"), dataset=Squares(n=4), resume=True).step == 3
+    with pytest.raises(ValueError, match=r"other model settings \(model.text_layers\)"):
+        train(vae_config(out, "--train.steps=4", "--model.text_layers=2"), dataset=Squares(n=4), resume=True)
+
+
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
     train(vae_config(tmp_path / "run", "--train.steps=1"), dataset=Squares(n=4))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):

@@ -49,10 +49,12 @@ class Engine:
     ControlNet (or a folder), chosen by a request's control_type. max_queue bounds queued
     jobs (more is 429); max_batch bounds images per forward pass (1 turns batching off); batch_window_s is how
     long the oldest job may wait for the clients of the batch that just ended to send their next requests
-    (a job arriving at an idle engine starts at once); timeout_s the default and largest deadline."""
+    (a job arriving at an idle engine starts at once); timeout_s the default and largest deadline;
+    preview_interval_s the least time between two previews of a job that asks for them (0: every step, which
+    the playground shows; each preview is a VAE decode, so raise it for large models)."""
 
     def __init__(self, models: dict, out_dir, *, controlnets: dict | None = None, max_queue: int = 64, max_batch: int = 8,
-                 batch_window_s: float = 0.1, timeout_s: float = 600.0, preview_interval_s: float = 0.25,
+                 batch_window_s: float = 0.1, timeout_s: float = 600.0, preview_interval_s: float = 0.0,
                  finished_in_memory: int = 1000):
         if not models:
             raise ValueError("models: give at least one model (name -> Pipeline or loader)")

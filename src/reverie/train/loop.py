@@ -190,7 +190,10 @@ class Trainer:
 
     def restore(self, path: Path) -> None:
         tensors, meta = load_checkpoint_dir(path)
-        saved, current = json.loads(json.dumps(meta["config"])), json.loads(json.dumps(self.config.to_dict()))
+        current = json.loads(json.dumps(self.config.to_dict()))
+        # settings added to reverie after the checkpoint was written take their defaults
+        defaults = json.loads(json.dumps(Config().to_dict()))
+        saved = {section: {**defaults.get(section, {}), **values} for section, values in meta["config"].items()}
         changed = config_diff(saved, current)
         if saved["model"] != current["model"]:
             raise ValueError(f"resume: {path} was trained with other model settings "
