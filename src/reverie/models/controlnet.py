@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from ..schedules import _check_choice
 from .layers import Attention, set_attention_slice, timestep_embedding
-from .unet import DOWN_BLOCK_TYPES, UNet, UNetConfig, build_encoder
+from .unet import DOWN_BLOCK_TYPES, UNet, UNetConfig, build_encoder, config_kwargs
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 # diffusers ControlNetModel keys for features reverie does not implement: the only value each may take
@@ -113,21 +113,7 @@ class ControlNetConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ControlNetConfig":
         """From a diffusers ControlNetModel config.json dict; keys starting with "_" are ignored."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_") or key in IGNORED_KEYS:
-                continue
-            if key in fields:
-                kwargs[key] = value
-            elif key in FIXED_KEYS:
-                if value != FIXED_KEYS[key]:
-                    raise ValueError(f"{key}={value!r} is not supported; the only supported value is "
-                                     f"{FIXED_KEYS[key]!r}")
-            elif value is not None and value is not False:
-                raise ValueError(f"unknown ControlNet config key {key}={value!r}; only None or False are accepted "
-                                 f"for keys reverie does not know")
-        return cls(**kwargs)
+        return cls(**config_kwargs(cls, d, "ControlNet", FIXED_KEYS, IGNORED_KEYS))
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers ControlNetModel config dict."""

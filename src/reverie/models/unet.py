@@ -39,6 +39,26 @@ PER_BLOCK = ("only_cross_attention", "layers_per_block", "cross_attention_dim", 
              "attention_head_dim", "num_attention_heads")
 
 
+def config_kwargs(cls, d: dict[str, Any], what: str, fixed: dict, ignored) -> dict[str, Any]:
+    """The dataclass `cls`'s keyword arguments from a diffusers config dict: keys starting with "_" and `ignored`
+    ones are skipped; a key for a feature reverie lacks (`fixed`) must hold its only supported value; an unknown
+    key must be None or False."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in d.items():
+        if key.startswith("_") or key in ignored:
+            continue
+        if key in fields:
+            kwargs[key] = value
+        elif key in fixed:
+            if value != fixed[key]:
+                raise ValueError(f"{key}={value!r} is not supported; the only supported value is {fixed[key]!r}")
+        elif value is not None and value is not False:
+            raise ValueError(f"unknown {what} config key {key}={value!r}; only None or False are accepted for "
+                             f"keys reverie does not know")
+    return kwargs
+
+
 @dataclass(frozen=True)
 class UNetConfig:
     """diffusers' UNet2DConditionModel config (same names, same defaults). Per-block fields take one value
@@ -116,21 +136,7 @@ class UNetConfig:
     def from_dict(cls, d: dict[str, Any]) -> "UNetConfig":
         """From a diffusers UNet2DConditionModel config.json dict. Keys starting with "_" are ignored; a key for a
         feature reverie lacks must hold its default, and an unknown key must be None or False."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        for key, value in d.items():
-            if key.startswith("_") or key in IGNORED_KEYS:
-                continue
-            if key in fields:
-                kwargs[key] = value
-            elif key in FIXED_KEYS:
-                if value != FIXED_KEYS[key]:
-                    raise ValueError(f"{key}={value!r} is not supported; the only supported value is "
-                                     f"{FIXED_KEYS[key]!r}")
-            elif value is not None and value is not False:
-                raise ValueError(f"unknown UNet config key {key}={value!r}; only None or False are accepted for "
-                                 f"keys reverie does not know")
-        return cls(**kwargs)
+        return cls(**config_kwargs(cls, d, "UNet", FIXED_KEYS, IGNORED_KEYS))
 
     def to_dict(self) -> dict[str, Any]:
         """A diffusers UNet2DConditionModel config dict. The heads go in attention_head_dim, because diffusers
