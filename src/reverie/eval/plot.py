@@ -51,12 +51,13 @@ def _draw_panel(draw: ImageDraw.ImageDraw, panel: Panel, left: int, top: int, fo
         px, _ = at(x, y0)
         draw.line([(px, box[3]), (px, box[3] + 4)], fill="black")
         draw.text((px, box[3] + 6), _fmt(x), fill="black", font=font, anchor="ma")
+    decimals = max(2, 1 - math.floor(math.log10((y1 - y0) / 4)))  # enough to tell the ticks apart
     for i in range(5):
         y = y0 + (y1 - y0) * i / 4
         _, py = at(xs_all[0], y)
         draw.line([(box[0] - 4, py), (box[0], py)], fill="black")
         draw.line([(box[0] + 1, py), (box[2] - 1, py)], fill="#e6e6e6")
-        draw.text((box[0] - 6, py), f"{y:.2f}", fill="black", font=font, anchor="rm")
+        draw.text((box[0] - 6, py), f"{y:.{decimals}f}", fill="black", font=font, anchor="rm")
     draw.text(((box[0] + box[2]) / 2, box[3] + 22), panel.xlabel, fill="black", font=font, anchor="ma")
     draw.text((box[0], top + 6), panel.ylabel, fill="black", font=font)
     for i, (name, (xs, ys)) in enumerate(panel.series.items()):
