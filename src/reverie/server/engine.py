@@ -315,7 +315,11 @@ class Engine:
                     return None
                 if self._queue:
                     head = self._queue[0]
-                    wait = head.enqueued + self.batch_window_s - time.monotonic()
+                    # the window opens when the head arrives, or when the last batch ended if it came during
+                    # it: clients of that batch send their next requests now, and would otherwise run a batch
+                    # behind the head's forever (two cohorts alternating, each half the size)
+                    opened = max(head.enqueued, self._last_batch[1])
+                    wait = opened + self.batch_window_s - time.monotonic()
                     if self.max_batch == 1 or wait <= 0 or self._batch_images(head) >= self._expected_images():
                         break
                     self._cond.wait(wait)
