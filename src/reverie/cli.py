@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .loading import BUNDLED, model_path  # noqa: F401  (BUNDLED: re-exported for scripts and tests)
 from .train.cli import add_train_parser, parse_args
 
 
@@ -16,22 +17,6 @@ def _demo(args) -> None:
     print(f"wrote {args.out}")
 
 
-BUNDLED = Path(__file__).parent / "bundled"  # models trained by reverie, shipped with the package
-
-
-def model_path(model: str | None) -> Path:
-    """A path as given, or the name of a bundled model ("shapes" when None)."""
-    bundled = sorted(p.name for p in BUNDLED.iterdir() if (p / "model_index.json").is_file()) \
-        if BUNDLED.is_dir() else []
-    if model is None:
-        if "shapes" not in bundled:
-            raise ValueError("--model: no bundled model is installed; pass a diffusers folder or a .safetensors file")
-        return BUNDLED / "shapes"
-    if Path(model).exists():
-        return Path(model)
-    if model in bundled:
-        return BUNDLED / model
-    raise ValueError(f"--model: {model!r} is neither a path nor a bundled model ({', '.join(bundled) or 'none'})")
 
 
 DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",

@@ -145,3 +145,21 @@ def load_safety_checker(path: Path):
     from .safety import ConceptChecker
 
     return ConceptChecker.from_pretrained(path / "safety_checker", path / "feature_extractor")
+
+
+BUNDLED = Path(__file__).parent / "bundled"  # models trained by reverie, shipped with the package
+
+
+def model_path(model: str | None) -> Path:
+    """A path as given, or the name of a bundled model ("shapes" when None)."""
+    bundled = sorted(p.name for p in BUNDLED.iterdir() if (p / "model_index.json").is_file()) \
+        if BUNDLED.is_dir() else []
+    if model is None:
+        if "shapes" not in bundled:
+            raise ValueError("--model: no bundled model is installed; pass a diffusers folder or a .safetensors file")
+        return BUNDLED / "shapes"
+    if Path(model).exists():
+        return Path(model)
+    if model in bundled:
+        return BUNDLED / model
+    raise ValueError(f"--model: {model!r} is neither a path nor a bundled model ({', '.join(bundled) or 'none'})")

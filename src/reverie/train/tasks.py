@@ -474,9 +474,8 @@ class ControlNetTask(UNetTask):
     kind = "controlnet"
 
     def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
-        from ..cli import model_path
         from ..control import CONTROL_TYPES, check_control_type
-        from ..loading import load_folder
+        from ..loading import load_folder, model_path
         from ..models.controlnet import ControlNet
 
         self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
