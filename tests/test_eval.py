@@ -1,6 +1,9 @@
 """`reverie eval`'s adherence scoring: perfect on the data set's own images, zero on blank ones."""
 
+import re
 from types import SimpleNamespace
+
+import pytest
 
 from PIL import Image
 
@@ -30,6 +33,31 @@ def test_adherence_is_perfect_on_real_images_and_zero_on_blank_ones():
     assert pipe.calls[0]["seed"] == list(range(16)) and pipe.calls[0]["steps"] == 5
     blank = evaluate_shapes(ReplayPipe(data, blank=True), list(data.captions))
     assert blank["one/fully_correct"] == blank["two/fully_correct"] == 0.0
+
+
+def test_paraphrases_keep_no_word_of_the_grammar_and_are_scored_against_the_caption():
+    from reverie.data.shapes import COLORS, POSITION_PHRASES, RELATIONS, SHAPES, SIZES
+    from reverie.eval.paraphrase import paraphrase
+
+    data = ShapesDataset(size=60, split="heldout", seed=3)
+    captions = list(data.captions)
+    prompts = [paraphrase(c) for c in captions]
+    assert prompts == [paraphrase(c) for c in captions]  # deterministic
+    grammar = {*COLORS, *SHAPES, *SIZES, *RELATIONS, *POSITION_PHRASES.values()}
+    for caption, prompt in zip(captions, prompts):
+        assert not any(re.search(rf"\b{re.escape(phrase)}\b", prompt) for phrase in grammar), (caption, prompt)
+    assert paraphrase("a red circle", seed=0) in {"a crimson disk", "a crimson round dot", "a scarlet disk",
+                                                  "a scarlet round dot"}
+    with pytest.raises(ValueError, match="caption"):
+        paraphrase("a purple hexagon")
+
+    # the paraphrase is what the model sees; the score is against the original caption
+    pipe = ReplayPipe(data)
+    pipe.images |= {p: pipe.images[c] for c, p in zip(captions, prompts)}
+    scores = evaluate_shapes(pipe, captions, prompts=prompts)
+    assert scores["one/fully_correct"] == scores["two/fully_correct"] == 1.0
+    with pytest.raises(ValueError, match="prompts"):
+        evaluate_shapes(pipe, captions, prompts=prompts[:3])
 
 
 # --------------------------------------------------------------------------------- sweeps, plots, FID

@@ -219,9 +219,15 @@ def _eval(args) -> None:
     if args.sweep:
         _eval_sweep(args, pipe, captions)
         return
+    prompts = None
+    if args.paraphrase:
+        from .eval.paraphrase import paraphrase
+
+        prompts = [paraphrase(c, seed=args.caption_seed) for c in captions]
     scores = evaluate_shapes(pipe, captions, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
-                             seed=args.seed)
-    print(f"shapes adherence, {args.split} captions, {args.sampler}, {args.steps} steps, guidance {args.guidance}:")
+                             seed=args.seed, prompts=prompts)
+    print(f"shapes adherence, {args.split} captions{', paraphrased' if prompts else ''}, {args.sampler}, "
+          f"{args.steps} steps, guidance {args.guidance}:")
     for key, value in scores.items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
 
@@ -403,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cfg: adherence and diversity at guidance 1, 2, 4, 7.5, 12, 20; "
                          "steps: adherence against steps for ddim, euler, dpmpp_2m, unipc")
     ev.add_argument("--plot", default=None, help="with --sweep: write the plot to this PNG")
+    ev.add_argument("--paraphrase", action="store_true",
+                    help="generate from paraphrases of the captions ('a crimson disk' for 'a red circle'), score "
+                         "against the captions: how well the text encoder follows unseen wording")
     _add_control_arguments(ev, evaluating=True)
     ev.set_defaults(run=_eval)
 

@@ -26,16 +26,21 @@ def shapes_captions(split: str = "heldout", n: int = 200, seed: int = 1) -> list
 
 
 def evaluate_shapes(pipe, captions: list[str], *, steps: int = 20, guidance_scale: float = 7.5,
-                    sampler: str = "dpmpp_2m", seed: int = 0, batch_size: int = 16) -> dict:
+                    sampler: str = "dpmpp_2m", seed: int = 0, batch_size: int = 16,
+                    prompts: list[str] | None = None) -> dict:
     """Fraction of images correct per attribute and fully correct, for one- and two-object captions.
 
-    Attributes a caption does not state are not scored. Image i uses seed + i."""
+    Attributes a caption does not state are not scored. Image i uses seed + i. prompts: what to generate
+    from, when not the captions themselves (paraphrases of them, reverie.eval.paraphrase); images are still
+    scored against the captions."""
+    if prompts is not None and len(prompts) != len(captions):
+        raise ValueError(f"prompts: give one per caption ({len(captions)}), got {len(prompts)}")
     hits, totals = defaultdict(int), defaultdict(int)
     for start in range(0, len(captions), batch_size):
         batch = captions[start:start + batch_size]
         seeds = [seed + start + i for i in range(len(batch))]
-        result = pipe(batch, steps=steps, guidance_scale=guidance_scale, sampler=sampler, width=64, height=64,
-                      seed=seeds, progress=False)
+        result = pipe(batch if prompts is None else prompts[start:start + batch_size], steps=steps,
+                      guidance_scale=guidance_scale, sampler=sampler, width=64, height=64, seed=seeds, progress=False)
         for caption, image in zip(batch, result.images):
             scores = score(image, caption)
             group = "two" if len(parse_caption(caption).objects) == 2 else "one"

@@ -397,8 +397,13 @@ class Engine:
                 self._running = []
         elapsed = time.monotonic() - start
         self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * elapsed
-        self._last_batch = (sum(job.request.n for job in batch), time.monotonic())
         self.metrics.observe("run_seconds", elapsed)
+        try:
+            self._finish_batch(batch, result, elapsed)
+        finally:  # after delivery: the batch's clients send their next requests only once they have their answers
+            self._last_batch = (sum(job.request.n for job in batch), time.monotonic())
+
+    def _finish_batch(self, batch: list[Job], result, elapsed: float) -> None:
         if result is None:
             if self._abort:  # shutdown past its grace period: native jobs run again after the restart
                 for job in batch:
