@@ -379,3 +379,53 @@ def test_a_vae_run_with_vae_path_fine_tunes_that_vae(tmp_path):
     start = vae.state_dict()
     assert ema.keys() == start.keys()
     assert max((ema[k] - start[k]).abs().max().item() for k in start) < 1e-6  # one step at lr 1e-9 from there
+
+
+# --------------------------------------------------------------------------------------------- frozen sentence encoder
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A random tiny BERT with a WordPiece tokenizer, laid out as sentence-transformers ships all-MiniLM-L6-v2
+    (config.json, model.safetensors and the tokenizer files in one folder)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    path = tmp_path_factory.mktemp("bert")
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "on", "square", *COLORS, "crimson"]
+    BertTokenizerFast(vocab={w: i for i, w in enumerate(words)}).save_pretrained(path)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=48, max_position_embeddings=64)).save_pretrained(path)
+    return path
+
+
+def test_a_unet_learns_from_a_frozen_bert_encoder_through_a_text_projection(tmp_path, vae_dir, bert_dir):
+    """model.text_encoder_path = a BERT-family folder: frozen, its 24-wide token states projected to the UNet's
+    cross-attention width (model.text_hidden_size) by diffusers' encoder_hid_proj; model.unet_init starts from a
+    trained UNet of that width (the projection starts fresh). The exported folder opens and generates."""
+    from reverie import Pipeline
+    from reverie.models.text import TextEncoder
+
+    clip = train(unet_config(tmp_path / "clip", vae_dir, "--train.steps=2"), dataset=Squares())
+    config = unet_config(tmp_path / "bert", vae_dir, f"--model.text_encoder_path={bert_dir}",
+                         "--model.train_text_encoder=false", f"--model.unet_init={clip.export}", "--train.steps=2",
+                         "--optim.lr=1e-12", "--optim.weight_decay=0")
+    result = train(config, dataset=Squares())
+    pipe = Pipeline.from_pretrained(result.export)
+    assert type(pipe.text_encoder.text_model).__name__ == "BertModel" and pipe.text_encoder.max_length == 12
+    assert pipe.unet.config.encoder_hid_dim == 24 and pipe.unet.config.cross_attention_dim == 16
+    before = Pipeline.from_pretrained(clip.export).unet.state_dict()
+    after = pipe.unet.state_dict()
+    assert set(after) - set(before) == {"encoder_hid_proj.weight", "encoder_hid_proj.bias"}
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=1e-9) for k in before)  # lr ~0: still the init
+    frozen = TextEncoder.from_pretrained(bert_dir, bert_dir)
+    assert_states_equal(pipe.text_encoder.text_model.state_dict(), frozen.text_model.state_dict())
+    ids = pipe.text_encoder.tokenize("a crimson square")
+    assert ids[0, 0, :5].tolist() == [2, 5, 12, 7, 3] and (ids[0, 0, 5:] == 0).all()  # [CLS] ... [SEP] [PAD]...
+    out = pipe("a crimson square", steps=2, width=16, height=16, seed=0, progress=False)
+    assert out.images[0].size == (16, 16) and torch.isfinite(out.latents).all()
+    with pytest.raises(ValueError, match="clip_skip"):
+        pipe.text_encoder.encode("a red square", clip_skip=1)
+    with pytest.raises(ValueError, match="unet_init"):
+        train(unet_config(tmp_path / "misfit", vae_dir, f"--model.unet_init={clip.export}",
+                          "--model.text_hidden_size=32", "--train.steps=1"), dataset=Squares())

@@ -38,7 +38,7 @@ def pair(config: UNetConfig, seed: int = 0):
 def inputs(config: UNetConfig, batch: int = 3, size: tuple[int, int] = (8, 8), seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, config.in_channels, *size, generator=g)
-    context = torch.randn(batch, 7, config.per_block("cross_attention_dim")[0], generator=g)
+    context = torch.randn(batch, 7, config.encoder_hid_dim or config.per_block("cross_attention_dim")[0], generator=g)
     t = torch.tensor([999.0, 500.25, 1.5, 0.0][:batch])
     return x, t, context
 
@@ -83,6 +83,23 @@ def test_config_variants_match_diffusers(change):
     x, t, context = inputs(config, batch=2)
     with torch.no_grad():
         assert (net(x, t, context) - ref(x, t, context).sample).abs().max() <= 1e-4
+
+
+def test_text_projection_matches_diffusers():
+    """encoder_hid_dim: a Linear from another text encoder's width (a sentence encoder's 40 here) to the
+    cross-attention width, diffusers' "text_proj"; the config round-trips through diffusers."""
+    config = dataclasses.replace(SD1_STYLE, encoder_hid_dim=40)
+    assert config.encoder_hid_dim_type == "text_proj"
+    ref, net = pair(config)
+    assert tuple(net.encoder_hid_proj.weight.shape) == (24, 40)
+    x, t, context = inputs(config, batch=2)
+    with torch.no_grad():
+        assert (net(x, t, context) - ref(x, t, context).sample).abs().max() <= 1e-4
+    assert UNetConfig.from_dict(dict(ref.config)) == config
+    with pytest.raises(ValueError, match="encoder_hid_dim_type"):
+        dataclasses.replace(SD1_STYLE, encoder_hid_dim=40, encoder_hid_dim_type="image_proj")
+    with pytest.raises(ValueError, match="encoder_hid_dim"):
+        dataclasses.replace(SD1_STYLE, encoder_hid_dim_type="text_proj")
 
 
 def test_inpainting_layout_matches_diffusers():

@@ -37,12 +37,20 @@ def _build(cls, config: dict, state_dict: dict, name: str):
 
 
 def _text_encoder(config: dict, state_dict: dict, tokenizer_dir) -> TextEncoder:
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import AutoConfig
 
-    model = CLIPTextModel(CLIPTextConfig(**config))  # not on meta: its position_ids buffer must be initialised
+    from .models.text import MODELS
+
+    model_type = config.get("model_type", "clip_text_model")
+    if model_type not in MODELS:
+        raise FormatError(f"text_encoder: config.json's model_type must be one of {', '.join(MODELS)}, got "
+                          f"{model_type!r}")
+    config = {k: v for k, v in config.items() if k != "model_type"}
+    model = MODELS[model_type](AutoConfig.for_model(model_type, **config))  # not on meta: buffers (position_ids)
     own = model.state_dict()
-    prefixed = next(iter(own)).startswith("text_model.")  # transformers 4 nests CLIPTextModel, 5 does not
-    state_dict = {(k if prefixed else k.removeprefix("text_model.")): v for k, v in state_dict.items()}
+    if model_type == "clip_text_model":  # transformers 4 nests CLIPTextModel under text_model., 5 does not
+        prefixed = next(iter(own)).startswith("text_model.")
+        state_dict = {(k if prefixed else k.removeprefix("text_model.")): v for k, v in state_dict.items()}
     state_dict = {k: own[k] for k in own if k.endswith("position_ids")} | state_dict  # optional in files
     load_state_dict_strict(model, state_dict, name="text_encoder")
     return TextEncoder(model.eval(), load_tokenizer(tokenizer_dir, config.get("max_position_embeddings", 77)))
@@ -95,7 +103,8 @@ def save_folder(pipe, path: Path, *, dtype=None) -> None:
     tokenizer_class = type(pipe.text_encoder.tokenizer).__name__.removesuffix("Fast")
     write_model_index(path, {
         "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
-        "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", tokenizer_class),
+        "text_encoder": ("transformers", type(pipe.text_encoder.text_model).__name__),
+        "tokenizer": ("transformers", tokenizer_class),
         "scheduler": ("diffusers", pipe.scheduler_config.get("_class_name", "DDIMScheduler")),
         "safety_checker": None, "feature_extractor": None,
     }, extra={"requires_safety_checker": False})

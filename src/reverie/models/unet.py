@@ -27,7 +27,7 @@ MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 FIXED_KEYS = {
     "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
     "projection_class_embeddings_input_dim": None, "addition_embed_type": None, "addition_time_embed_dim": None,
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "dual_cross_attention": False,
+    "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
     "time_cond_proj_dim": None, "reverse_transformer_layers_per_block": None, "attention_type": "default",
@@ -92,6 +92,10 @@ class UNetConfig:
     time_embedding_dim: int | None = None  # width of the time embedding; None: 4 * block_out_channels[0]
     conv_in_kernel: int = 3  # kernel size of conv_in (odd)
     conv_out_kernel: int = 3  # kernel size of conv_out (odd)
+    # a Linear from the text encoder's width to cross_attention_dim ("text_proj", the only type reverie builds):
+    # conditions the UNet on an encoder of another width (a frozen sentence encoder)
+    encoder_hid_dim: int | None = None
+    encoder_hid_dim_type: str | None = None  # "text_proj" (or None: text_proj when encoder_hid_dim is set)
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # JSON lists -> tuples, so configs compare and hash as values
@@ -124,6 +128,19 @@ class UNetConfig:
         for name in ("conv_in_kernel", "conv_out_kernel"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) % 2 != 1:
                 raise ValueError(f"{name} must be an odd integer; got {getattr(self, name)!r}")
+        if self.encoder_hid_dim is None:
+            if self.encoder_hid_dim_type is not None:
+                raise ValueError(f"encoder_hid_dim must be set when encoder_hid_dim_type is "
+                                 f"{self.encoder_hid_dim_type!r}")
+        else:
+            if isinstance(self.encoder_hid_dim, bool) or not isinstance(self.encoder_hid_dim, int) \
+                    or self.encoder_hid_dim < 1:
+                raise ValueError(f"encoder_hid_dim must be None or an integer >= 1; got {self.encoder_hid_dim!r}")
+            _check_choice("encoder_hid_dim_type", self.encoder_hid_dim_type, ("text_proj", None))
+            object.__setattr__(self, "encoder_hid_dim_type", "text_proj")  # diffusers' default for a set dim
+            if len(set(self.per_block("cross_attention_dim"))) != 1:
+                raise ValueError("encoder_hid_dim: the text projection needs one cross_attention_dim for all "
+                                 f"blocks; got {self.cross_attention_dim!r}")
 
     def per_block(self, name: str) -> tuple:
         """A per-block field (or "heads", the number of attention heads) as a tuple with one entry per block."""
@@ -345,6 +362,8 @@ class UNet(nn.Module):
         temb_dim = c.time_embedding_dim or 4 * chans[0]
         norm = dict(groups=c.norm_num_groups, eps=c.norm_eps, dropout=c.dropout)
         self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = build_encoder(c)
+        self.encoder_hid_proj = (None if c.encoder_hid_dim is None else
+                                 nn.Linear(c.encoder_hid_dim, c.per_block("cross_attention_dim")[0]))
         self.up_blocks = nn.ModuleList([
             UpBlock(chans[max(n - 2 - i, 0)], chans[min(n - i, n - 1)], chans[n - 1 - i], temb_dim,
                     layers[n - 1 - i] + 1, i < n - 1,
@@ -382,7 +401,7 @@ class UNet(nn.Module):
                 down_block_additional_residuals: Sequence[Tensor] | None = None,
                 mid_block_additional_residual: Tensor | None = None) -> Tensor:
         """sample (B, in_channels, H, W), timestep (B,) or scalar (fractional allowed), encoder_hidden_states
-        (B, T, cross_attention_dim) -> (B, out_channels, H, W).
+        (B, T, cross_attention_dim), or (B, T, encoder_hid_dim) when set -> (B, out_channels, H, W).
 
         The additional residuals are ControlNet's outputs: one tensor per skip connection, added to the skips,
         and one added to the mid block's output. (diffusers applies them only when both are given; here each
@@ -397,6 +416,8 @@ class UNet(nn.Module):
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         context = encoder_hidden_states  # (B, T, D)
+        if self.encoder_hid_proj is not None:
+            context = self.encoder_hid_proj(context)  # (B, T, cross_attention_dim)
 
         h = self.conv_in(sample)  # (B, C0, H, W)
         skips = [h]

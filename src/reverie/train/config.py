@@ -47,12 +47,16 @@ class ModelConfig:
     prediction: str = "epsilon"  # the network's target: epsilon | v_prediction | sample
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2 (SD's betas: scaled_linear)
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023; use with v_prediction)
-    text_encoder_path: str = ""  # a diffusers folder with text_encoder/ and tokenizer/; "": a new one from scratch
+    text_encoder_path: str = ""  # "": a new CLIP from scratch; else a pretrained one (reverie.models.text.
+    #                              open_text_encoder: "all-MiniLM-L6-v2", a diffusers or a transformers folder);
+    #                              a BERT-family encoder conditions the UNet through a text projection
+    unet_init: str = ""  # unet runs: start from this model's UNet (a diffusers folder or a bundled name); new
+    #                      parameters (a text projection) start fresh, all others must fit
     train_text_encoder: bool = True  # train the text encoder jointly (always, when it starts from scratch)
     text_hidden_size: int = 256  # from scratch: width of the CLIP text transformer (= UNet cross-attention width)
     text_layers: int = 4  # from scratch: transformer layers
     text_heads: int = 4  # from scratch: attention heads
-    text_max_length: int = 77  # from scratch: tokens per prompt, BOS and EOS included (SD: 77)
+    text_max_length: int = 77  # from scratch and BERT-family encoders: tokens per prompt, BOS and EOS included
     vocab_size: int = 1024  # from scratch: BPE vocabulary trained on the data set's captions (>= 514)
     base_model: str = ""  # controlnet runs: the frozen text-to-image model (a diffusers folder or a bundled name)
     control_type: str = "segmentation"  # controlnet runs: the control derived from each image (segmentation | canny)

@@ -132,8 +132,13 @@ def replace_dir(tmp: Path, final: Path) -> None:
 
 def load_frozen_vae(path: str) -> AutoencoderKL:
     """A trained VAE from: a vae run's output dir (its exported model/vae, else its latest checkpoint's EMA), a
-    vae/ component folder (config.json + safetensors), a diffusers pipeline folder, or a checkpoint directory."""
+    vae/ component folder (config.json + safetensors), a diffusers pipeline folder (or a bundled model's name), or
+    a checkpoint directory."""
+    from ..loading import BUNDLED
+
     p = Path(path)
+    if not p.exists() and (BUNDLED / path / "vae").is_dir():
+        p = BUNDLED / path
     if p.is_dir() and (p / "checkpoints").is_dir() and not (p / "model" / "vae").is_dir():
         p = latest_checkpoint(p / "checkpoints") or p
     for folder in (p / "model" / "vae", p / "vae", p):
@@ -235,7 +240,7 @@ class UNetTask:
     kind = "unet"
 
     def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
-        from ..models.text import TextEncoder, load_tokenizer, train_bpe_tokenizer
+        from ..models.text import TextEncoder, load_tokenizer, open_text_encoder, train_bpe_tokenizer
 
         self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
         m, device = config.model, dist.device
@@ -282,8 +287,7 @@ class UNetTask:
 
         torch.manual_seed(config.train.seed)
         if m.text_encoder_path:
-            te_root = Path(m.text_encoder_path)
-            self.text_encoder = TextEncoder.from_pretrained(te_root / "text_encoder", te_root / "tokenizer")
+            self.text_encoder = open_text_encoder(m.text_encoder_path, max_length=m.text_max_length)
         else:
             if not (tokenizer_dir / "vocab.json").is_file():
                 raise ValueError(f"{tokenizer_dir}: the run's tokenizer is missing (it is trained on a fresh run)")
@@ -294,13 +298,35 @@ class UNetTask:
         self.train_text_encoder = m.train_text_encoder
         if not self.train_text_encoder:
             self.text_encoder.eval().requires_grad_(False)
+        # a CLIP's states feed cross-attention as they are; another encoder's go through a Linear to the
+        # model.text_hidden_size width (diffusers' encoder_hid_dim "text_proj")
+        width = self.text_encoder.hidden_size if self.text_encoder.is_clip else m.text_hidden_size
         unet_config = dataclasses.replace(UNET_PRESETS[m.unet_preset], in_channels=self.latent_shape[0],
                                           out_channels=self.latent_shape[0], sample_size=self.latent_shape[1],
-                                          cross_attention_dim=self.text_encoder.hidden_size)
+                                          cross_attention_dim=width,
+                                          encoder_hid_dim=None if self.text_encoder.is_clip else
+                                          self.text_encoder.hidden_size)
         self.unet = UNet(unet_config)
+        if m.unet_init and not resume:
+            self._init_unet(m.unet_init)
         self.objective = DiffusionObjective(self.unet, self.schedule, config.train.min_snr_gamma,
                                             self.text_encoder if self.train_text_encoder else None).to(device)
         self._ids: dict[str, Tensor] = {}
+
+    def _init_unet(self, source: str) -> None:
+        """Copy a trained model's UNet weights into this run's UNet: every parameter it has must fit; the ones it
+        lacks (a new text projection) keep their fresh initialisation."""
+        from ..loading import model_path
+
+        folder = model_path(source) / "unet"
+        weights = load_weights(folder)
+        own = self.unet.state_dict()
+        unknown = sorted(set(weights) - set(own))
+        misfit = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
+        if unknown or misfit:
+            raise ValueError(f"model.unet_init: {folder}'s UNet does not fit this run's (model.unet_preset, the VAE's "
+                             f"channels, model.text_hidden_size): unknown {unknown[:3]}, other shapes {misfit[:3]}")
+        self.unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
 
     # --- the data pass and the latent cache ----------------------------------------------------------------
 
