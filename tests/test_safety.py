@@ -290,5 +290,11 @@ def test_folder_that_ships_a_checker_turns_it_on(sd_checker, tmp_path):
     result = pipe(PROMPTS[0], steps=2, seed=0, progress=False)
     assert result.nsfw == [True] and np.asarray(result.images[0]).max() == 0
     assert Pipeline.from_pretrained(model, safety_checker=None).safety_checker is None
+    # saving keeps the checker: the saved folder turns it on again, with the same weights and preprocessing
+    pipe.save_pretrained(tmp_path / "saved")
+    again = Pipeline.from_pretrained(tmp_path / "saved").safety_checker.checker
+    assert isinstance(again, ConceptChecker) and again.preprocess_config == pipe.safety_checker.checker.preprocess_config
+    assert torch.equal(again.concept_embeds, pipe.safety_checker.checker.concept_embeds)
+    assert json.loads((tmp_path / "saved" / "model_index.json").read_text())["requires_safety_checker"] is True
     with pytest.raises(ValueError, match="safety_checker"):
         Pipeline.from_pretrained(model, safety_checker=tmp_path / "missing")

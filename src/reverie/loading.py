@@ -101,13 +101,30 @@ def save_folder(pipe, path: Path, *, dtype=None) -> None:
     (path / "scheduler").mkdir(exist_ok=True)
     write_json(path / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
     tokenizer_class = type(pipe.text_encoder.tokenizer).__name__.removesuffix("Fast")
+    safety = _copy_safety_checker(pipe, path)
     write_model_index(path, {
         "unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
         "text_encoder": ("transformers", type(pipe.text_encoder.text_model).__name__),
         "tokenizer": ("transformers", tokenizer_class),
         "scheduler": ("diffusers", pipe.scheduler_config.get("_class_name", "DDIMScheduler")),
-        "safety_checker": None, "feature_extractor": None,
-    }, extra={"requires_safety_checker": False})
+        "safety_checker": safety and ("stable_diffusion", "StableDiffusionSafetyChecker"),
+        "feature_extractor": safety and safety[1] and ("transformers", "CLIPImageProcessor"),
+    }, extra={"requires_safety_checker": bool(safety)})
+
+
+def _copy_safety_checker(pipe, path: Path):
+    """A folder's own SD safety checker goes with it: its safety_checker/ (and feature_extractor/) are copied
+    as read. Returns what was copied, or None (no checker, or one that is not SD's concept checker)."""
+    import shutil
+
+    checker = getattr(pipe.safety_checker, "checker", None)
+    source = getattr(checker, "source", None)
+    if source is None:
+        return None
+    for src, name in zip(source, ("safety_checker", "feature_extractor")):
+        if src is not None and Path(src).resolve() != (path / name).resolve():
+            shutil.copytree(src, path / name, dirs_exist_ok=True)
+    return source
 
 
 # --- ControlNets --------------------------------------------------------------------------------------------

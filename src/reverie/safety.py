@@ -107,6 +107,7 @@ class ConceptChecker(nn.Module):
         self.concept_embeds, self.concept_thresholds = concept_embeds.float(), concept_thresholds.float()  # (C, P), (C,)
         self.special_embeds, self.special_thresholds = special_embeds.float(), special_thresholds.float()  # (S, P), (S,)
         self.preprocess_config = preprocess_config
+        self.source: tuple[Path, Path | None] | None = None  # (safety_checker/, feature_extractor/) it was read from
 
     @classmethod
     def from_pretrained(cls, folder, feature_extractor=None) -> ConceptChecker:
@@ -141,8 +142,10 @@ class ConceptChecker(nn.Module):
         pre = read_json(fe / "preprocessor_config.json") if (fe / "preprocessor_config.json").is_file() else None
         f32 = {k: state[k].float() for k in ("concept_embeds", "concept_embeds_weights", "special_care_embeds",
                                               "special_care_embeds_weights")}
-        return cls(vision_model.eval(), projection, f32["concept_embeds"], f32["concept_embeds_weights"],
-                   f32["special_care_embeds"], f32["special_care_embeds_weights"], pre).requires_grad_(False)
+        checker = cls(vision_model.eval(), projection, f32["concept_embeds"], f32["concept_embeds_weights"],
+                      f32["special_care_embeds"], f32["special_care_embeds_weights"], pre).requires_grad_(False)
+        checker.source = folder, fe if pre is not None else None  # what save_pretrained copies
+        return checker
 
     @torch.inference_mode()
     def scores(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
