@@ -531,6 +531,8 @@ def test_cli_generate_and_eval_with_a_controlnet(shapes_controlnet, tmp_path, ca
     assert "control_type must be one of 'none', 'canny', 'segmentation'" in capsys.readouterr().err
     assert main(common + ["--control", str(tmp_path / "scene.png"), "--out", str(tmp_path / "x.png")]) == 2
     assert "--controlnet" in capsys.readouterr().err
-    assert main(["eval", "--controlnet", str(folder), "--n", "2", "--steps", "2"]) == 0
+    assert main(["eval", "--controlnet", str(folder), "--n", "2", "--steps", "2", "--plot",
+                 str(tmp_path / "grid.png")]) == 0
     out = capsys.readouterr().out
     assert "control adherence (segmentation)" in out and "all/iou" in out and "all/layout_iou" in out
+    assert Image.open(tmp_path / "grid.png").size == (2 * 64, 2 * 64)  # 2 controls above 2 images

@@ -337,7 +337,8 @@ def _eval_control(args, pipe) -> None:
     control_type = args.control_type or read_json(folder / "config.json").get("_control_type", "segmentation")
     scores = evaluate_control(pipe, folder, control_type=control_type, split=args.split, n=args.n,
                               scenes_seed=args.caption_seed, steps=args.steps, guidance_scale=args.guidance,
-                              sampler=args.sampler, seed=args.seed, conditioning_scale=args.control_scale)
+                              sampler=args.sampler, seed=args.seed, conditioning_scale=args.control_scale,
+                              grid=args.plot)
     print(f"control adherence ({control_type}), {args.split} scenes, {args.sampler}, {args.steps} steps, "
           f"guidance {args.guidance}, control scale {args.control_scale}:")
     for key, value in scores.items():
@@ -408,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sweep", choices=["cfg", "steps"], default=None,
                     help="cfg: adherence and diversity at guidance 1, 2, 4, 7.5, 12, 20; "
                          "steps: adherence against steps for ddim, euler, dpmpp_2m, unipc")
-    ev.add_argument("--plot", default=None, help="with --sweep: write the plot to this PNG")
+    ev.add_argument("--plot", default=None, help="with --sweep: write the plot to this PNG; with --controlnet: a "
+                                                 "grid of 8 controls above their images")
     ev.add_argument("--paraphrase", action="store_true",
                     help="generate from paraphrases of the captions ('a crimson disk' for 'a red circle'), score "
                          "against the captions: how well the text encoder follows unseen wording")

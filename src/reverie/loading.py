@@ -130,15 +130,24 @@ def _copy_safety_checker(pipe, path: Path):
 # --- ControlNets --------------------------------------------------------------------------------------------
 
 
+def bundled_controlnets() -> list[str]:
+    """Names of the ControlNets shipped with the package (bundled/controlnets/NAME)."""
+    root = BUNDLED / "controlnets"
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+
+
 def controlnet_folder(path: Path) -> Path:
-    """The ControlNetModel folder at `path`: the folder itself (config.json + weights), or the controlnet/
-    component of a diffusers ControlNet pipeline folder."""
+    """The ControlNetModel folder at `path`: the folder itself (config.json + weights), the controlnet/
+    component of a diffusers ControlNet pipeline folder, or a bundled ControlNet's name."""
     path = Path(path)
+    if not path.exists() and str(path) in bundled_controlnets():
+        path = BUNDLED / "controlnets" / str(path)
     for folder in (path, path / "controlnet"):
         if (folder / "config.json").is_file():
             return folder
     raise ValueError(f"controlnet: {path} is not a ControlNet folder (config.json + "
-                     f"diffusion_pytorch_model.safetensors), nor a pipeline folder with controlnet/")
+                     f"diffusion_pytorch_model.safetensors), nor a pipeline folder with controlnet/, nor a bundled "
+                     f"ControlNet ({', '.join(bundled_controlnets()) or 'none'})")
 
 
 def load_controlnet(path, *, allow_pickle: bool = False):

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..control import check_control_type, dataset_control, shape_masks
 from ..data.shapes import ShapesDataset
+from .plot import image_grid
 from .shapes import MIN_COVERAGE, PALETTE, coverage_map, score, to_pixels
 
 
@@ -41,10 +42,12 @@ def control_scores(image, placed, caption: str) -> dict:
 
 def evaluate_control(pipe, controlnet, *, control_type: str = "segmentation", split: str = "heldout", n: int = 200,
                      scenes_seed: int = 1, steps: int = 20, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
-                     seed: int = 0, conditioning_scale: float = 1.0, batch_size: int = 16) -> dict:
+                     seed: int = 0, conditioning_scale: float = 1.0, batch_size: int = 16,
+                     grid: str | Path | None = None, grid_columns: int = 8) -> dict:
     """Mean scores (see the module docstring) over n scenes of the shapes data set's split, each generated from
     its caption and its control (scene i with seed + i), for one- and two-object scenes and all together.
-    controlnet: a ControlNet or a folder; None scores the model without control (the baseline)."""
+    controlnet: a ControlNet or a folder; None scores the model without control (the baseline). grid: a PNG
+    of the first grid_columns scenes, their controls above the generated images."""
     check_control_type(control_type)
     scenes = ShapesDataset(size=n, split=split, seed=scenes_seed, resolution=pipe.default_size)
     sums, counts = defaultdict(float), defaultdict(int)
@@ -60,6 +63,10 @@ def evaluate_control(pipe, controlnet, *, control_type: str = "segmentation", sp
             control_image=[dataset_control(scenes, i, control_type) for i in indices])
         result = pipe(captions, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                       seed=[seed + i for i in indices], progress=False, **control)
+        if grid is not None and start == 0:
+            k = min(grid_columns, len(indices))
+            controls = [dataset_control(scenes, i, control_type).convert("RGB") for i in indices[:k]]
+            image_grid(controls + result.images[:k], k).save(grid)
         for i, caption, image in zip(indices, captions, result.images):
             placed = scenes.placements[i]
             group = "two" if len(placed) == 2 else "one"

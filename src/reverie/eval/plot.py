@@ -1,4 +1,5 @@
-"""Line charts as PNG, drawn with Pillow (no plotting dependency): what the evaluation sweeps write.
+"""Line charts and image grids as PNG, drawn with Pillow (no plotting dependency): what the evaluation sweeps and
+the training runs' sample grids write.
 
     panel = Panel("guidance scale", "fully correct", {"one object": (xs, ys), "two objects": (xs, ys2)}, log_x=True)
     save_panels([panel], "cfg.png", title="shapes: classifier-free guidance")
@@ -84,3 +85,13 @@ def save_panels(panels: list[Panel], path, title: str = "") -> Path:
     image.save(tmp, format="PNG")
     tmp.replace(path)
     return path
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    """Equal-sized images in rows of `columns`, left to right, top to bottom."""
+    w, h = images[0].size
+    rows = -(-len(images) // columns)
+    out = Image.new("RGB", (columns * w, rows * h))
+    for i, im in enumerate(images):
+        out.paste(im, ((i % columns) * w, (i // columns) * h))
+    return out

@@ -21,7 +21,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--api-key", default=None, help=f"key clients send as a bearer token (default: ${API_KEY_ENV})")
     parser.add_argument("--out", default="outputs/server", help="job store (SQLite) and result images")
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
-                        help="a ControlNet requests can pick by control_type (repeatable)")
+                        help="a ControlNet requests can pick by control_type (repeatable; default: the model's "
+                             "bundled ones, e.g. shapes-segmentation as segmentation)")
     parser.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (default: 64)")
     parser.add_argument("--max-batch", type=int, default=8, help="images per forward pass; 1 turns batching off")
     parser.add_argument("--batch-window", type=float, default=0.1,
@@ -56,6 +57,10 @@ def serve(args, name: str, load) -> None:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_exposure(args.host, api_key)
     controlnets = {}
+    if not args.controlnet:  # the model's bundled ControlNets ("shapes-segmentation" for "shapes"), by control type
+        from ..loading import bundled_controlnets
+
+        controlnets = {c.removeprefix(f"{name}-"): c for c in bundled_controlnets() if c.startswith(f"{name}-")}
     for item in args.controlnet:
         key, sep, folder = item.partition("=")
         if not sep or not key or not folder:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..denoisers import DiscreteDenoiser
+from ..eval.plot import image_grid as grid
 from ..formats import (
     load_safetensors,
     load_state_dict_strict,
@@ -106,17 +107,6 @@ def save_png_atomic(image, path: Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-
-
-def grid(images: list, columns: int):
-    from PIL import Image
-
-    w, h = images[0].size
-    rows = -(-len(images) // columns)
-    out = Image.new("RGB", (columns * w, rows * h))
-    for i, im in enumerate(images):
-        out.paste(im, ((i % columns) * w, (i // columns) * h))
-    return out
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
