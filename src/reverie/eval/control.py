@@ -58,15 +58,14 @@ def evaluate_control(pipe, controlnet, *, control_type: str = "segmentation", sp
     for start in range(0, n, batch_size):
         indices = list(range(start, min(n, start + batch_size)))
         captions = [scenes.captions[i] for i in indices]
+        controls = [dataset_control(scenes, i, control_type) for i in indices]
         control = {} if controlnet is None else dict(
-            controlnet=controlnet, controlnet_conditioning_scale=conditioning_scale,
-            control_image=[dataset_control(scenes, i, control_type) for i in indices])
+            controlnet=controlnet, controlnet_conditioning_scale=conditioning_scale, control_image=controls)
         result = pipe(captions, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
                       seed=[seed + i for i in indices], progress=False, **control)
         if grid is not None and start == 0:
             k = min(grid_columns, len(indices))
-            controls = [dataset_control(scenes, i, control_type).convert("RGB") for i in indices[:k]]
-            image_grid(controls + result.images[:k], k).save(grid)
+            image_grid([c.convert("RGB") for c in controls[:k]] + result.images[:k], k).save(grid)
         for i, caption, image in zip(indices, captions, result.images):
             placed = scenes.placements[i]
             group = "two" if len(placed) == 2 else "one"
