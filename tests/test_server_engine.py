@@ -241,3 +241,26 @@ def _png(size=(64, 64)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((torch.rand(size[1], size[0], 3).numpy() * 255).astype("uint8")).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_the_batch_window_opens_after_the_results_are_delivered(tmp_path):
+    """The batcher waits for the last batch's clients from when they have their answers (the images written
+    and the jobs marked done), not from when the forward pass ended: slow deliveries must not eat the window."""
+    e = engine(tmp_path, batch_window_s=0.1)
+    written = []
+    write = e.store.write_image
+
+    def slow_write(*args):
+        time.sleep(0.3)
+        path = write(*args)
+        written.append(time.monotonic())
+        return path
+
+    e.store.write_image = slow_write
+    try:
+        job = e.submit(Request("a red circle", steps=STEPS, seed=1, n=2))
+        assert job.done.wait(60) and job.status == "done", job.error
+        wait_for(lambda: e._last_batch[1] >= written[-1], what="the window to open after the last write")
+        assert e._last_batch[0] == 2
+    finally:
+        e.close()
