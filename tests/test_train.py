@@ -241,6 +241,23 @@ def test_resume_accepts_checkpoints_written_before_a_setting_existed(tmp_path):
         train(vae_config(out, "--train.steps=4", "--model.text_layers=2"), dataset=Squares(n=4), resume=True)
 
 
+def test_a_time_limit_finishes_the_run_early_with_a_checkpoint_and_an_export(tmp_path, capsys):
+    """train.time_limit_minutes: the run ends at the first step past the limit like a finished run (checkpoint,
+    export), not like a SIGTERM (checkpoint only); a resume continues the same schedule."""
+    out = tmp_path / "run"
+    result = train(vae_config(out, "--train.steps=50", "--train.time_limit_minutes=1e-9",
+                              "--train.checkpoint_every=0"), dataset=Squares(n=4))
+    assert result.step == 1 and not result.stopped
+    assert result.export is not None and (result.export / "config.json").is_file()
+    assert latest_checkpoint(out / "checkpoints").name.endswith("00000001")
+    printed = capsys.readouterr()
+    assert "train.time_limit_minutes=1e-09 reached at step 1 of 50" in printed.out + printed.err
+    again = train(vae_config(out, "--train.steps=3"), dataset=Squares(n=4), resume=True)
+    assert again.step == 3
+    with pytest.raises(ValueError, match="train.time_limit_minutes must be >= 0"):
+        vae_config(out, "--train.time_limit_minutes=-1")
+
+
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
     train(vae_config(tmp_path / "run", "--train.steps=1"), dataset=Squares(n=4))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):

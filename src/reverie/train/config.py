@@ -30,7 +30,7 @@ CHOICES = {"model.kind": KINDS, "model.prediction": PREDICTIONS, "model.beta_sch
 MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 1, "model.text_heads": 1, "model.text_max_length": 3,
             "model.vocab_size": 514, "optim.warmup_steps": 0, "train.steps": 1, "train.batch_size": 1,
             "train.grad_accum": 1, "train.seed": 0, "train.max_nonfinite": 1, "train.checkpoint_every": 0,
-            "train.keep_checkpoints": 1, "log.every": 1, "log.sample_every": 0, "log.sample_count": 1,
+            "train.keep_checkpoints": 1, "train.time_limit_minutes": 0, "log.every": 1, "log.sample_every": 0, "log.sample_count": 1,
             "log.sample_steps": 1}
 RANGES = {"optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf), "optim.min_lr_ratio": (0, 1),
           "optim.grad_clip": (0, math.inf), "train.ema_decay": (0, 1), "train.cond_dropout": (0, 1),
@@ -86,6 +86,9 @@ class OptimConfig:
 class TrainConfig:
     output_dir: str = "runs/default"  # checkpoints, logs, samples and the exported model go here
     steps: int = 10_000  # optimizer steps
+    time_limit_minutes: float = 0.0  # 0: none; else finish (checkpoint, samples, export) at the first step
+    # after this much wall time, however many steps are done: for a lease of fixed length. The LR schedule is
+    # still laid out over train.steps, so pair it with optim.min_lr_ratio=1 (constant LR after warmup)
     batch_size: int = 32  # global batch per optimizer step (all processes and accumulation steps together)
     grad_accum: int = 1  # micro-batches per optimizer step and process
     seed: int = 0  # everything random derives from it: init, data order, noise, timesteps, dropout

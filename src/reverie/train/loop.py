@@ -19,6 +19,7 @@ import math
 import random
 import signal
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class StepReport:
     what: str  # what was non-finite: "loss" or "gradient norm"
     grad_norm: float | None  # before clipping (None when the loss was non-finite)
     stop: bool  # some process received SIGTERM: checkpoint and return
+    time_up: bool = False  # rank 0's clock passed train.time_limit_minutes: finish (checkpoint, export) here
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,8 +122,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
 
-    def step(self, stop_requested: bool) -> StepReport:
-        """One optimizer step on the next `train.batch_size` items (skipped if the loss is non-finite)."""
+    def step(self, stop_requested: bool, time_up: bool = False) -> StepReport:
+        """One optimizer step on the next `train.batch_size` items (skipped if the loss is non-finite).
+        time_up: this process's clock passed the time limit (only rank 0's counts, so all ranks agree)."""
         t, o, dist, state = self.config.train, self.config.optim, self.dist, self.state
         step = state["step"] + 1
         indices, state["epoch"], state["index"] = self.order.take(state["epoch"], state["index"], t.batch_size)
@@ -137,10 +140,12 @@ class Trainer:
                     per_item = self.ddp(**inputs)  # (b,)
                 self.scaler.scale(per_item.float().sum() * (dist.world / t.batch_size)).backward()
             loss_sum += per_item.detach().double().sum()
-        # every process decides alike: on the global loss, and on whether any process was asked to stop
-        totals = dist.all_reduce_sum(torch.stack([loss_sum, loss_sum.new_tensor(float(stop_requested))]))
+        # every process decides alike: on the global loss, on whether any process was asked to stop, and on
+        # rank 0's clock
+        flags = [float(stop_requested), float(time_up and dist.is_main)]
+        totals = dist.all_reduce_sum(torch.stack([loss_sum, *map(loss_sum.new_tensor, flags)]))
         report = StepReport(loss=totals[0].item() / t.batch_size, lr=self.optimizer.param_groups[0]["lr"], ok=True,
-                            what="loss", grad_norm=None, stop=totals[1].item() > 0)
+                            what="loss", grad_norm=None, stop=totals[1].item() > 0, time_up=totals[2].item() > 0)
         report.ok = math.isfinite(report.loss)
         if report.ok:
             self.scaler.unscale_(self.optimizer)
@@ -294,12 +299,13 @@ def _train(config: Config, dataset, resume, stop_at_step, dist: Dist) -> TrainRe
     state = trainer.state
     log = RunLog(out_dir, state["step"], t.steps, enabled=dist.is_main, progress=lg.progress,
                  tensorboard=lg.tensorboard)
-    losses, last_checkpoint, stopped = [], checkpoint, False
+    losses, last_checkpoint, stopped, time_up = [], checkpoint, False, False
+    deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else math.inf
     with _Stop() as stop, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-        while state["step"] < t.steps and not stopped:
-            report = trainer.step(stop.requested)
-            step = state["step"]
+        while state["step"] < t.steps and not stopped and not time_up:
+            report = trainer.step(stop.requested, time.monotonic() >= deadline)
+            step, time_up = state["step"], report.time_up
             losses.append((step, report.loss))
             log.step(step, report.loss, report.lr)
             if not report.ok or step % lg.every == 0 or step == t.steps:
@@ -311,18 +317,21 @@ def _train(config: Config, dataset, resume, stop_at_step, dist: Dist) -> TrainRe
             if dist.is_main and lg.sample_every and step % lg.sample_every == 0:
                 trainer.sample()
             stopped = report.stop or (stop_at_step is not None and stop_at_step <= step < t.steps)
-            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopped:
+            if (t.checkpoint_every and step % t.checkpoint_every == 0) or step == t.steps or stopped or time_up:
                 last_checkpoint = trainer.save(ckpt_root) or last_checkpoint
     if stopped:
         log.message(f"stopped at step {state['step']}; continue with --resume")
+    elif time_up:
+        log.message(f"train.time_limit_minutes={t.time_limit_minutes:g} reached at step {state['step']} of "
+                    f"{t.steps}; exporting that step's model")
     log.close()
 
     export = None
     if not stopped:
-        if dist.is_main:
+        if dist.is_main:  # the model first: it is what the run is for, the grid only shows it
+            export = trainer.task.export(trainer.ema.module, out_dir / "model")
             if not lg.sample_every or state["step"] % lg.sample_every:
                 trainer.sample()
-            export = trainer.task.export(trainer.ema.module, out_dir / "model")
         dist.barrier()
     return TrainResult(step=state["step"], losses=losses, skipped=state["skipped"], output_dir=out_dir,
                        checkpoint=last_checkpoint, export=export, stopped=stopped, rank=dist.rank,
