@@ -212,6 +212,9 @@ def _eval(args) -> None:
     from .pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device)
+    if (args.data or ("emoji" if args.model == "emoji" else "shapes")) == "emoji":
+        _eval_emoji(args, pipe)
+        return
     if args.controlnet:
         _eval_control(args, pipe)
         return
@@ -224,12 +227,41 @@ def _eval(args) -> None:
         from .eval.paraphrase import paraphrase
 
         prompts = [paraphrase(c, seed=args.caption_seed) for c in captions]
+    if args.plot:
+        from .eval.adherence import GRID_PROMPTS
+        from .eval.plot import sample_grid
+
+        sample_grid(pipe, GRID_PROMPTS, per_prompt=2, steps=args.steps, guidance_scale=args.guidance,
+                    sampler=args.sampler, seed=args.seed, prompt_rows=False).save(args.plot)
+        print(f"wrote {args.plot}: one column per prompt ({'; '.join(GRID_PROMPTS)}), seeds {args.seed}, "
+              f"{args.seed + 1}")
     scores = evaluate_shapes(pipe, captions, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                              seed=args.seed, prompts=prompts)
     print(f"shapes adherence, {args.split} captions{', paraphrased' if prompts else ''}, {args.sampler}, "
           f"{args.steps} steps, guidance {args.guidance}:")
     for key, value in scores.items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+
+
+def _eval_emoji(args, pipe) -> None:
+    from .eval.emoji import GRID_PROMPTS, evaluate_emoji
+    from .eval.plot import sample_grid
+
+    r = evaluate_emoji(pipe, n=args.n, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                       seed=args.seed)
+    print(f"emoji model, {r['n']} names drawn from the data set, {args.sampler}, {args.steps} steps, guidance "
+          f"{args.guidance}:")
+    print(f"  FID (reverie's emoji features)        {r['fid']:.2f}   ({r['n']} training images: "
+          f"{r['fid_train_subset']:.2f}, the floor at this n)")
+    print(f"  nearest training image, pixel RMS   {r['nn_pixel_rms_generated']:.4f}   (training images to their "
+          f"nearest other one: {r['nn_pixel_rms_train']:.4f})")
+    print(f"  nearest training image, features    {r['nn_feature_generated']:.3f}   (training images: "
+          f"{r['nn_feature_train']:.3f})")
+    print(f"  own name's image nearest (pixels)   {r['own_top1']:.3f}   (among the 10 nearest: {r['own_top10']:.3f})")
+    if args.plot:
+        sample_grid(pipe, GRID_PROMPTS, per_prompt=6, steps=args.steps, guidance_scale=args.guidance,
+                    sampler=args.sampler, seed=args.seed).save(args.plot)
+        print(f"wrote {args.plot}: {', '.join(GRID_PROMPTS)}, one row each")
 
 
 def _eval_sweep(args, pipe, captions) -> None:
@@ -396,8 +428,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
 
-    ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer")
+    ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer, or an emoji "
+                                     "model's FID and nearest training images")
     ev.add_argument("--model", help="a bundled model's name (default: shapes) or a model folder")
+    ev.add_argument("--data", choices=["shapes", "emoji"], default=None,
+                    help="shapes: prompt adherence read by the shapes analyzer; emoji: FID, nearest training "
+                         "images and (with --plot) a sample grid (default: emoji for --model emoji, else shapes)")
     ev.add_argument("--split", default="heldout", choices=["train", "heldout"])
     ev.add_argument("--n", type=int, default=200, help="number of captions (default: 200)")
     ev.add_argument("--steps", type=int, default=20)
@@ -410,7 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cfg: adherence and diversity at guidance 1, 2, 4, 7.5, 12, 20; "
                          "steps: adherence against steps for ddim, euler, dpmpp_2m, unipc")
     ev.add_argument("--plot", default=None, help="with --sweep: write the plot to this PNG; with --controlnet: a "
-                                                 "grid of 8 controls above their images")
+                                                 "grid of 8 controls above their images; otherwise a grid of "
+                                                 "samples of common prompts")
     ev.add_argument("--paraphrase", action="store_true",
                     help="generate from paraphrases of the captions ('a crimson disk' for 'a red circle'), score "
                          "against the captions: how well the text encoder follows unseen wording")

@@ -20,6 +20,11 @@ from .shapes import score
 ATTRIBUTES = ("count", "color", "shape", "size", "position", "relation")
 
 
+GRID_PROMPTS = ("a red circle", "a blue square on the left", "a large green triangle in the center",
+                "a yellow circle above a blue square", "a small red square at the top",
+                "a green circle to the left of a yellow triangle", "a blue triangle", "a yellow square")
+
+
 def shapes_captions(split: str = "heldout", n: int = 200, seed: int = 1) -> list[str]:
     """n captions of the data set's split (held-out combinations by default), one- and two-object."""
     return list(ShapesDataset(size=n, split=split, seed=seed).captions)

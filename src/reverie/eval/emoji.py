@@ -149,15 +149,27 @@ def nearest_distances(queries: np.ndarray, references: np.ndarray, exclude_self:
     return np.sqrt(np.clip(d2.min(1), 0, None))
 
 
+def own_ranks(queries: np.ndarray, references: np.ndarray, own: list[int]) -> np.ndarray:
+    """For each query row, how many reference rows are nearer to it than reference own[i] (0: its own image is
+    the nearest): whether a sample of a name looks like that name's emoji rather than some other."""
+    d2 = (queries ** 2).sum(1)[:, None] + (references ** 2).sum(1)[None] - 2 * queries @ references.T
+    mine = d2[np.arange(len(own)), own]
+    return (d2 < mine[:, None]).sum(1)
+
+
 def evaluate_emoji(pipe, *, n: int = 300, steps: int = 20, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
                    seed: int = 0, batch_size: int = 16, net: FeatureNet | None = None) -> dict:
     """Generate one image for each of n captions drawn from the data set (seeded), and report FID against the
     whole training set, the generated images' nearest-training-image distances (pixels on 0..1, RMS, and
-    features) and, for scale, the training images' distances to their nearest other training image."""
+    features) and, for scale, the training images' distances to their nearest other training image; and how
+    often a sample's own name's image is the nearest training image in pixels (own_top1) or among the 10
+    nearest (own_top10): the names are unique, so this says whether the samples are recognisable as what was
+    asked for."""
     net = net or load_feature_net()
     data = EmojiDataset(resolution=64)
     real = torch.stack([data[i]["image"] for i in range(len(data))])
-    captions = [data.captions[i] for i in np.random.default_rng(seed).choice(len(data), n, replace=False)]
+    picks = np.random.default_rng(seed).choice(len(data), n, replace=False)
+    captions = [data.captions[i] for i in picks]
     fake = []
     for start in range(0, n, batch_size):
         batch = captions[start:start + batch_size]
@@ -168,6 +180,7 @@ def evaluate_emoji(pipe, *, n: int = 300, steps: int = 20, guidance_scale: float
     f_real, f_fake = features(net, real), features(net, fake)
     px_real, px_fake = ((real + 1) / 2).flatten(1).double().numpy(), ((fake + 1) / 2).flatten(1).double().numpy()
     rms = np.sqrt(px_real.shape[1])
+    ranks = own_ranks(px_fake, px_real, list(picks))
     # the real-vs-real reference: FID of n training images against all of them (the floor at this n)
     subset = np.random.default_rng(seed + 1).choice(len(real), n, replace=False)
     return {
@@ -176,8 +189,12 @@ def evaluate_emoji(pipe, *, n: int = 300, steps: int = 20, guidance_scale: float
         "nn_pixel_rms_train": float(np.median(nearest_distances(px_real, px_real, exclude_self=True)) / rms),
         "nn_feature_generated": float(np.median(nearest_distances(f_fake, f_real))),
         "nn_feature_train": float(np.median(nearest_distances(f_real, f_real, exclude_self=True))),
+        "own_top1": float(np.mean(ranks == 0)), "own_top10": float(np.mean(ranks < 10)),
         "captions": captions, "images": fake,
     }
+
+
+GRID_PROMPTS = ("red apple", "dog face", "rocket", "pizza", "grinning face", "thumbs up: medium skin tone")
 
 
 def _main(argv=None) -> None:

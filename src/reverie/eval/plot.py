@@ -95,3 +95,13 @@ def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
     for i, im in enumerate(images):
         out.paste(im, ((i % columns) * w, (i // columns) * h))
     return out
+
+
+def sample_grid(pipe, prompts, *, per_prompt: int, steps: int = 20, guidance_scale: float = 7.5,
+                sampler: str = "dpmpp_2m", seed: int = 0, prompt_rows: bool = True) -> Image.Image:
+    """Samples of each prompt at seeds seed, seed + 1, ...: one row per prompt (prompt_rows) or one column."""
+    per = [pipe([p] * per_prompt, steps=steps, guidance_scale=guidance_scale, sampler=sampler,
+                seed=[seed + i for i in range(per_prompt)], progress=False).images for p in prompts]
+    if prompt_rows:
+        return image_grid([im for row in per for im in row], per_prompt)
+    return image_grid([per[j][i] for i in range(per_prompt) for j in range(len(prompts))], len(prompts))
