@@ -3,6 +3,7 @@
 import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from PIL import Image
@@ -164,3 +165,57 @@ def test_emoji_evaluation_catches_a_model_that_copies_its_training_images():
     assert report["nn_pixel_rms_generated"] < 1e-6 and report["nn_feature_generated"] < 1e-4
     assert report["nn_pixel_rms_train"] > 0.02 and report["nn_feature_train"] > 0.1
     assert report["fid"] < 2 * report["fid_train_subset"] + 1
+    assert report["own_top1"] == 1.0
+
+
+def test_own_ranks_count_the_references_nearer_than_the_own_one():
+    from reverie.eval.emoji import own_ranks
+
+    refs = np.array([[0.0], [1.0], [2.0], [3.0]])
+    assert own_ranks(np.array([[0.1], [2.9], [1.6]]), refs, [0, 0, 1]).tolist() == [0, 3, 1]
+
+
+def test_reverie_eval_scores_the_bundled_emoji_model_and_draws_its_grid(tmp_path, capsys):
+    from reverie.cli import main
+
+    grid = tmp_path / "emoji.png"
+    main(["eval", "--model", "emoji", "--n", "8", "--steps", "2", "--plot", str(grid)])
+    out = capsys.readouterr().out
+    assert re.search(r"FID \(reverie's emoji features\)\s+\d+\.\d+", out)
+    assert re.search(r"own name's image nearest \(pixels\)\s+[01]\.\d+", out)
+    assert Image.open(grid).size == (6 * 64, 6 * 64)  # six common names, six seeds each
+
+
+def test_the_bundled_emoji_model_draws_the_emoji_it_is_asked_for():
+    """Each common name's sample is nearer (in pixels) to that name's own emoji than to all but a handful of
+    the 3,655 training images: the samples are recognisable as what was asked for."""
+    from reverie.data.emoji import EmojiDataset
+    from reverie.eval.emoji import own_ranks
+    from reverie.loading import model_path
+    from reverie.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(model_path("emoji"))
+    data = EmojiDataset(resolution=64)
+    names = ["red apple", "dog face", "rocket", "pizza"]
+    images = pipe(names, steps=20, guidance_scale=7.5, width=64, height=64, seed=[0, 1, 2, 3],
+                  progress=False).images
+    real = np.stack([(data[i]["image"].numpy().ravel() + 1) / 2 for i in range(len(data))]).astype(np.float64)
+    fake = np.stack([np.asarray(im, dtype=np.float64).transpose(2, 0, 1).ravel() / 255 for im in images])
+    ranks = own_ranks(fake, real, [data.captions.index(n) for n in names])
+    assert (ranks < 10).all(), dict(zip(names, ranks.tolist()))
+
+
+def test_sample_grid_puts_each_prompt_in_its_row_or_column():
+    from reverie.eval.plot import sample_grid
+
+    colours = {"red": (255, 0, 0), "blue": (0, 0, 255)}
+
+    def pipe(prompts, seed, **kwargs):  # colour from the prompt, brightness from the seed
+        return SimpleNamespace(images=[Image.new("RGB", (8, 8), tuple(c // (1 + s) for c in colours[p]))
+                                       for p, s in zip(prompts, seed)])
+
+    rows = sample_grid(pipe, ["red", "blue"], per_prompt=3)
+    columns = sample_grid(pipe, ["red", "blue"], per_prompt=3, prompt_rows=False)
+    assert rows.size == (24, 16) and columns.size == (16, 24)
+    assert rows.getpixel((8 * 2, 0)) == (85, 0, 0) and rows.getpixel((0, 8)) == (0, 0, 255)
+    assert columns.getpixel((0, 8 * 2)) == (85, 0, 0) and columns.getpixel((8, 0)) == (0, 0, 255)
