@@ -258,6 +258,14 @@ def test_a_time_limit_finishes_the_run_early_with_a_checkpoint_and_an_export(tmp
         vae_config(out, "--train.time_limit_minutes=-1")
 
 
+def test_images_that_the_vae_cannot_divide_are_refused_with_the_sizes(tmp_path, vae_dir):
+    with pytest.raises(ValueError, match=r"images are 17x17, not multiples of the VAE's downsample factor \d+ "
+                                         r"\(model.vae_preset='tiny'\)"):
+        train(vae_config(tmp_path / "vae", "--train.steps=1"), dataset=Squares(n=4, size=17))
+    with pytest.raises(ValueError, match=r"images are 17x17, not multiples of the VAE's downsample factor \d+$"):
+        train(unet_config(tmp_path / "unet", vae_dir, "--train.steps=1"), dataset=Squares(n=4, size=17))
+
+
 def test_fresh_run_refuses_an_output_dir_with_checkpoints(tmp_path):
     train(vae_config(tmp_path / "run", "--train.steps=1"), dataset=Squares(n=4))
     with pytest.raises(ValueError, match="already holds checkpoints; pass --resume"):

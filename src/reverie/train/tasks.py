@@ -94,6 +94,16 @@ def check_item(item, index: int = 0) -> tuple[int, int]:
     return tuple(image.shape[1:])
 
 
+def latent_shape(vae, dataset, hint: str = "") -> tuple[int, int, int]:
+    """(C, h, w) of the data set's latents under `vae`; a ValueError (ending with `hint`) if its images do not
+    divide evenly."""
+    h, w = check_item(dataset[0])
+    f = vae.downsample_factor
+    if h % f or w % f:
+        raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f}{hint}")
+    return vae.config.latent_channels, h // f, w // f
+
+
 def stack_images(dataset, indices: list[int]) -> Tensor:
     return torch.stack([dataset[i]["image"].float() for i in indices])  # (B, 3, H, W)
 
@@ -174,12 +184,7 @@ class VAETask:
         torch.manual_seed(config.train.seed)
         self.vae = load_frozen_vae(config.model.vae_path).requires_grad_(True) if config.model.vae_path else \
             AutoencoderKL(VAE_PRESETS[preset])
-        h, w = check_item(dataset[0])
-        f = self.vae.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f} "
-                             f"(model.vae_preset={preset!r})")
-        self.latent_shape = (self.vae.config.latent_channels, h // f, w // f)
+        self.latent_shape = latent_shape(self.vae, dataset, f" (model.vae_preset={preset!r})")
         self.objective = VAEObjective(self.vae, config.train.recon_loss, config.train.kl_weight).to(dist.device)
 
     def param_groups(self) -> list[dict]:
@@ -243,11 +248,7 @@ class UNetTask:
             raise ValueError("model.train_text_encoder must be true when the text encoder starts from scratch "
                              "(model.text_encoder_path is empty)")
         self.vae = load_frozen_vae(m.vae_path).to(device).eval().requires_grad_(False)
-        h, w = check_item(dataset[0])
-        f = self.vae.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f}")
-        self.latent_shape = (self.vae.config.latent_channels, h // f, w // f)
+        self.latent_shape = latent_shape(self.vae, dataset)
         linear = m.beta_schedule == "linear"
         self.scheduler_config = {
             "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": m.beta_schedule,
@@ -508,11 +509,7 @@ class ControlNetTask(UNetTask):
         self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
         unet.to(device).eval().requires_grad_(False)
         self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
-        h, w = check_item(dataset[0])
-        f = self.vae.downsample_factor
-        if h % f or w % f:
-            raise ValueError(f"data: images are {h}x{w}, not multiples of the VAE's downsample factor {f}")
-        self.latent_shape = (self.vae.config.latent_channels, h // f, w // f)
+        self.latent_shape = latent_shape(self.vae, dataset)
         self.train_text_encoder, self._ids = False, {}
         self.captions, self.moments = None, None
         if config.data.cache_latents:
@@ -523,7 +520,8 @@ class ControlNetTask(UNetTask):
             mean, std, self.captions = self._read_cache(cache)
             self.moments = (mean, std)
         torch.manual_seed(config.train.seed)  # the control encoder's random init
-        controlnet = ControlNet.from_unet(unet, downsample_factor=f)  # its control encoder downsamples as the VAE
+        # its control encoder downsamples as the VAE
+        controlnet = ControlNet.from_unet(unet, downsample_factor=self.vae.downsample_factor)
         self.objective = ControlNetObjective(controlnet, unet, self.schedule, config.train.min_snr_gamma).to(device)
 
     def param_groups(self) -> list[dict]:
