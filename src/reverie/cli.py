@@ -400,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--from", dest="from_image", default=None, metavar="IMAGE",
                      help="regenerate the image from the parameters in its PNG (the same pixels, on the same "
                           "device and dtype); --model, --device, --dtype, --out apply, the other options do not")
-    gen.add_argument("--model", help="a bundled model's name (default: shapes), a diffusers folder or a "
+    gen.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji), a diffusers folder or a "
                                      "single-file .safetensors checkpoint")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=30)
@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer, or an emoji "
                                      "model's FID and nearest training images")
-    ev.add_argument("--model", help="a bundled model's name (default: shapes) or a model folder")
+    ev.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji) or a model folder")
     ev.add_argument("--data", choices=["shapes", "emoji"], default=None,
                     help="shapes: prompt adherence read by the shapes analyzer; emoji: FID, nearest training "
                          "images and (with --plot) a sample grid (default: emoji for --model emoji, else shapes)")
@@ -470,7 +470,7 @@ def _add_serve_parser(sub) -> None:
 
     serve = sub.add_parser("serve", help="serve generation over HTTP: OpenAI images API, A1111 /sdapi/v1, async "
                                          "jobs with progress events, the playground at /")
-    serve.add_argument("--model", help="a bundled model's name (default: shapes) or a model path")
+    serve.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji) or a model path")
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     serve.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     _add_safety_arguments(serve)
@@ -497,7 +497,7 @@ def _add_output_parsers(sub) -> None:
                                        "guidance_scale, guidance_rescale, sampler, scheduler, width, height, "
                                        "clip_skip, n)")
     batch.add_argument("--out", default="batch", help="output folder (default: batch)")
-    batch.add_argument("--model", help="a bundled model's name (default: shapes) or a model path")
+    batch.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji) or a model path")
     batch.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default: 4)")
     batch.add_argument("--seed", type=int, default=0, help="base seed for requests without one: image k gets seed+k")
     batch.add_argument("--negative", default=None, help="default negative prompt")
@@ -515,7 +515,7 @@ def _add_output_parsers(sub) -> None:
 
     cost = sub.add_parser("cost", help="measure this machine's throughput and print latency, images per hour and "
                                        "cost per 1,000 images per sampler and step count")
-    cost.add_argument("--model", help="a bundled model's name (default: shapes) or a model path")
+    cost.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji) or a model path")
     cost.add_argument("--price-per-hour", type=float, default=None, help="price of the machine per hour")
     cost.add_argument("--samplers", default=None, help="comma-separated (default: every DDPM sampler)")
     cost.add_argument("--steps", default="5,10,20,30,50", help="comma-separated step counts")
