@@ -26,6 +26,7 @@ from reverie.data.shapes import (
     POSITION_PHRASES,
     RELATIONS,
     SHAPES,
+    ShapeObject,
     SIZES,
 )
 
@@ -83,7 +84,8 @@ def test_shapes_same_seed_same_items_in_any_order_and_other_seeds_differ(split):
 
 def test_shapes_rejects_bad_options():
     for options, field in [({"split": "test"}, "split"), ({"size": 0}, "size"), ({"detail": 2.0}, "detail"),
-                           ({"two_object_fraction": -0.1}, "two_object_fraction"), ({"resolution": 4}, "resolution")]:
+                           ({"two_object_fraction": -0.1}, "two_object_fraction"), ({"resolution": 4}, "resolution"),
+                           ({"partial": 1.5}, "partial")]:
         with pytest.raises(ValueError, match=field):
             ShapesDataset(**options)
 
@@ -110,6 +112,28 @@ def test_shapes_captions_state_only_what_the_label_says(split):
     singles = [c for c, n in zip(dataset.captions, counts) if n == 1]
     assert any(c.endswith(tuple(POSITION_PHRASES.values())) for c in singles)
     assert any(not c.endswith(tuple(POSITION_PHRASES.values())) for c in singles)
+
+
+def test_shapes_partial_captions_name_colour_or_shape_alone_and_leave_the_rest_as_it_was():
+    plain, partial = ShapesDataset(size=300, seed=0), ShapesDataset(size=300, seed=0, partial=0.5)
+    assert plain.labels == partial.labels and plain.placements == partial.placements
+    changed = [(a, b, label) for a, b, label in zip(plain.captions, partial.captions, plain.labels) if a != b]
+    singles = sum(len(label.objects) == 1 for label in plain.labels)
+    assert 0.3 * singles < len(changed) < 0.7 * singles
+    kinds = set()
+    for before, after, label in changed:
+        assert len(label.objects) == 1
+        stated, full = parse_caption(after).objects[0], parse_caption(before).objects[0]
+        assert _stated_agrees(stated, label.objects[0]), after
+        assert (stated.size, stated.position) == (full.size, full.position), (before, after)  # same detail words
+        assert (stated.color is None) != (stated.shape is None), after  # exactly one of the two is named
+        kinds.add("color" if stated.shape is None else "shape")
+    assert kinds == {"color", "shape"}
+    assert ShapesDataset(size=300, seed=0, partial=0.0).captions == plain.captions
+    assert parse_caption("a red shape").objects[0] == ShapeObject("red", None)
+    assert parse_caption("an small triangle on the left").objects[0] == ShapeObject(None, "triangle", "small", "left")
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        parse_caption("a shape")
 
 
 def test_shapes_pairs_are_apart_inside_the_canvas_and_in_the_stated_relation():

@@ -7,10 +7,12 @@ left, right, top, bottom, center; relations above, below, to the left of, to the
     "a red circle above a green triangle", "a yellow square to the left of a small blue circle"
 
 Size and position words are each included with probability `detail`, so the model learns captions with and
-without them. Geometry is defined on a 64x64 canvas and scaled to `resolution`: small shapes span 12-16 px,
-large 24-28 px; a single shape sits within 3 px of its position's anchor; two shapes (always of different
-colours) sit on a vertical or horizontal line through the centre, each in its own half with >= 4 px
-between them, so the relation is unambiguous. Images are drawn at 4x and box-filtered (anti-aliased edges).
+without them. With `partial` > 0 that fraction of one-object captions names the colour alone ("a red shape") or
+the shape alone ("a small triangle on the left"), so that colour and shape words are also seen apart.
+Geometry is defined on a 64x64 canvas and scaled to `resolution`: small shapes span 12-16 px, large 24-28 px;
+a single shape sits within 3 px of its position's anchor; two shapes (always of different colours) sit on a
+vertical or horizontal line through the centre, each in its own half with >= 4 px between them, so the relation
+is unambiguous. Images are drawn at 4x and box-filtered (anti-aliased edges).
 
 Held-out split, for compositional generalization (see `heldout_combinations`):
   * colour+shape pairs red triangle, green square, blue circle never appear in any training image; every
@@ -100,27 +102,37 @@ def heldout_kind(label: ShapesLabel) -> str | None:
     return "scene" if scene in HELDOUT_SCENES or flipped in HELDOUT_SCENES else None
 
 
-def caption_of(label: ShapesLabel, with_size: tuple[bool, ...], with_position: bool = False) -> str:
+def caption_of(label: ShapesLabel, with_size: tuple[bool, ...], with_position: bool = False,
+               name: str = "both") -> str:
     """The caption saying `label`, with each object's size word where with_size[i] (and, for one object, its
-    position phrase when with_position)."""
-    words = [" ".join(["a"] + [o.size] * s + [o.color, o.shape]) for o, s in zip(label.objects, with_size)]
+    position phrase when with_position). name: "both" ("a red circle"), or for one object "color" ("a red shape")
+    or "shape" ("a circle")."""
+    if name != "both" and label.relation is not None:
+        raise ValueError("caption_of: a two-object caption names both colour and shape of each object")
+    nouns = {"both": lambda o: [o.color, o.shape], "color": lambda o: [o.color, "shape"], "shape": lambda o: [o.shape]}
+    words = [" ".join(["a"] + [o.size] * s + nouns[name](o)) for o, s in zip(label.objects, with_size)]
     if label.relation is not None:
         return f"{words[0]} {label.relation} {words[1]}"
     return f"{words[0]} {POSITION_PHRASES[label.objects[0].position]}" if with_position else words[0]
 
 
 _OBJECT = rf"an? (?:({'|'.join(SIZES)}) )?({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
-_SINGLE = re.compile(rf"{_OBJECT}(?: ({'|'.join(POSITION_PHRASES.values())}))?")
+# one object may also be named by its colour alone ("a red shape") or its shape alone ("a triangle")
+_SINGLE = re.compile(rf"an? (?:({'|'.join(SIZES)}) )?(?:({'|'.join(COLORS)}) )?({'|'.join(SHAPES)}|shape)"
+                     rf"(?: ({'|'.join(POSITION_PHRASES.values())}))?")
 _PAIR = re.compile(rf"{_OBJECT} ({'|'.join(RELATIONS)}) {_OBJECT}")
 _PHRASE_TO_POSITION = {v: k for k, v in POSITION_PHRASES.items()}
 
 
 def parse_caption(caption: str) -> ShapesLabel:
     """The label a shapes caption states; attributes it does not mention are None. Raises ValueError for a
-    caption outside the grammar "a [size] colour shape [position]" / "a [size] colour shape RELATION a ..."."""
+    caption outside the grammar "a [size] colour shape [position]" / "a [size] colour shape RELATION a ..." (one
+    object may be "a [size] colour shape" or "a [size] shape-name": "a red shape", "a small triangle")."""
     text = " ".join(caption.lower().strip().rstrip(".").split())
-    if m := _SINGLE.fullmatch(text):
+    m = _SINGLE.fullmatch(text)
+    if m and not (m[2] is None and m[3] == "shape"):  # "a shape" says nothing
         size, color, shape, phrase = m.groups()
+        shape = None if shape == "shape" else shape
         return ShapesLabel((ShapeObject(color, shape, size, _PHRASE_TO_POSITION.get(phrase)),))
     if m := _PAIR.fullmatch(text):
         s1, c1, h1, relation, s2, c2, h2 = m.groups()
@@ -228,12 +240,12 @@ class ShapesDataset(Dataset):
     Item i depends only on (seed, split, i): same seed -> identical items in any access order."""
 
     def __init__(self, size: int = 10000, split: str = "train", seed: int = 0, resolution: int = 64,
-                 two_object_fraction: float = 0.5, detail: float = 0.5):
+                 two_object_fraction: float = 0.5, detail: float = 0.5, partial: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}; got {split!r}")
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"size must be a positive int; got {size!r}")
-        for name, value in (("two_object_fraction", two_object_fraction), ("detail", detail)):
+        for name, value in (("two_object_fraction", two_object_fraction), ("detail", detail), ("partial", partial)):
             if not 0 <= value <= 1:
                 raise ValueError(f"{name} must be in [0, 1]; got {value!r}")
         self.split, self.seed, self.resolution = split, seed, check_resolution(resolution)
@@ -243,6 +255,12 @@ class ShapesDataset(Dataset):
         for i in range(size):
             rng = np.random.default_rng([seed, SPLITS.index(split), i])
             label, caption, placed = _sample_scene(rng, split, two_object_fraction, detail)
+            if partial and len(label.objects) == 1:  # its own stream: partial=0 leaves every item as it was
+                extra = np.random.default_rng([seed, SPLITS.index(split), i, 1])
+                if extra.random() < partial:
+                    said = parse_caption(caption)
+                    caption = caption_of(label, (said.objects[0].size is not None,),
+                                         said.objects[0].position is not None, ("color", "shape")[extra.integers(2)])
             self.labels.append(label)
             self.captions.append(caption)
             self.placements.append(placed)
