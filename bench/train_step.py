@@ -6,7 +6,7 @@ shared it, so the step was not GPU-bound; this prints the split between the host
 generators, token ids), the whole step, and the top operators by host and device time (torch.profiler).
 
     python bench/train_step.py                                  # CPU, batch 32
-    python bench/train_step.py --device cuda --batch 256 --amp bf16
+    python bench/train_step.py --device cuda --batch 256 --amp bf16 [--compile]
     python bench/train_step.py --vae src/reverie/bundled/shapes/vae --steps 30 --profile 5
 """
 
@@ -38,6 +38,7 @@ def main() -> None:
     parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
     parser.add_argument("--profile", type=int, default=0, help="also profile this many steps with torch.profiler")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the objective (UNet + text encoder)")
     parser.add_argument("--vae", default="src/reverie/bundled/shapes/vae")
     parser.add_argument("--images", type=int, default=2000, help="data set size (its latents are cached first)")
     args = parser.parse_args()
@@ -51,6 +52,8 @@ def main() -> None:
         trainer = Trainer(config, ShapesDataset(size=args.images, resolution=64, seed=0), dist, Path(out),
                           resume=False)
         trainer.start(None)
+        if args.compile:  # the loop calls trainer.ddp; the weights stay those of trainer.model
+            trainer.ddp = torch.compile(trainer.model)
         device, task = dist.device, trainer.task
         for _ in range(3):
             trainer.step(False)
@@ -72,7 +75,8 @@ def main() -> None:
 
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
         step, inp = statistics.median(step_s), statistics.median(inputs_s)
-        print(f"shapes UNet task on {name}, batch {args.batch}, mixed precision {args.amp} (torch {torch.__version__})")
+        print(f"shapes UNet task on {name}, batch {args.batch}, mixed precision {args.amp}"
+              f"{', compiled' if args.compile else ''} (torch {torch.__version__})")
         print(f"  whole step      {step * 1e3:8.1f} ms   ({1 / step:.2f} it/s, {args.batch / step:.0f} images/s)")
         print(f"  task.inputs     {inp * 1e3:8.1f} ms   ({inp / step:.0%} of the step: per-item noise and token ids)")
         print(f"  the rest        {(step - inp) * 1e3:8.1f} ms   (forward, backward, clipping, AdamW, EMA)")
