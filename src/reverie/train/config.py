@@ -94,6 +94,7 @@ class TrainConfig:
     seed: int = 0  # everything random derives from it: init, data order, noise, timesteps, dropout
     device: str = "auto"  # auto | cpu | cuda | cuda:N (under torchrun: cuda:LOCAL_RANK)
     mixed_precision: str = "no"  # no | bf16 | fp16 (GPU only: autocast, a GradScaler for fp16; off on CPU)
+    compile: bool = False  # torch.compile the training forward (the saved weights are the same module's)
     ema_decay: float = 0.9999  # EMA of the weights, used for samples and export (0: EMA = the weights)
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) after n updates, so early EMA follows
     cond_dropout: float = 0.1  # unet runs: fraction of captions replaced by "" (classifier-free guidance)

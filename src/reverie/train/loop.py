@@ -115,6 +115,8 @@ class Trainer:
         if self.dist.world > 1:
             cuda = self.dist.device.type == "cuda"
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=[self.dist.device] if cuda else None)
+        if self.config.train.compile:  # wraps the call only: checkpoints and EMA read self.model's own weights
+            self.ddp = torch.compile(self.ddp)
         self.model.train()
 
     def _autocast(self):
