@@ -184,6 +184,15 @@ def test_batch_gets_the_same_chunk_count(encoder):
 
 
 @torch.no_grad()
+def test_an_fp16_folder_loads_in_float32_unless_a_dtype_is_asked_for(encoder, tmp_path):
+    encoder.save_pretrained(tmp_path / "te", tmp_path / "tok", dtype=torch.float16)
+    assert {p.dtype for p in TextEncoder.from_pretrained(tmp_path / "te", tmp_path / "tok").parameters()} == \
+        {torch.float32}
+    half = TextEncoder.from_pretrained(tmp_path / "te", tmp_path / "tok", dtype=torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}
+
+
+@torch.no_grad()
 def test_save_pretrained_round_trip(encoder, tmp_path):
     te_dir, tok_dir = tmp_path / "text_encoder", tmp_path / "tokenizer"
     encoder.save_pretrained(te_dir, tok_dir)

@@ -83,8 +83,9 @@ class TextEncoder(nn.Module):
         if model_type not in MODELS:
             raise ValueError(f"text_encoder_dir: config.json's model_type must be one of {', '.join(MODELS)}, got "
                              f"{model_type!r}")
+        # transformers 5 loads in the checkpoint's dtype when given none: ask for the default one explicitly
         text_model = MODELS[model_type].from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
-                                                        dtype=dtype)
+                                                        dtype=dtype or torch.get_default_dtype())
         tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
         return cls(text_model.to(device).eval(), tokenizer)
 
