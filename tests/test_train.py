@@ -266,6 +266,7 @@ def test_images_that_the_vae_cannot_divide_are_refused_with_the_sizes(tmp_path, 
         train(unet_config(tmp_path / "unet", vae_dir, "--train.steps=1"), dataset=Squares(n=4, size=17))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated")  # from inside torch.compile
 def test_a_compiled_run_computes_the_eager_losses_and_saves_the_same_names(tmp_path):
     eager = train(vae_config(tmp_path / "eager", "--train.steps=2"), dataset=Squares(n=4))
     compiled = train(vae_config(tmp_path / "compiled", "--train.steps=2", "--train.compile=true"),
