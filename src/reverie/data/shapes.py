@@ -155,7 +155,8 @@ class Placed:
 
 
 def _sample_scene(rng: np.random.Generator, split: str, two_object_fraction: float, detail: float):
-    """(label, caption, placed shapes) for one item of `split`.
+    """(label, placed shapes, with_size, with_position) for one item of `split`: which detail words its caption
+    says are drawn here too (see caption_of).
 
     train: any scene that is not held out (rejection sampling). heldout: a single shape of a held-out pair
     with probability 1 - two_object_fraction, else, half and half, a held-out scene or a two-object scene
@@ -168,14 +169,13 @@ def _sample_scene(rng: np.random.Generator, split: str, two_object_fraction: flo
         if rng.random() < 0.5:  # the same scene, said the other way round
             a_color, a_shape, relation, b_color, b_shape = scene
             scene = (b_color, b_shape, INVERSE[relation], a_color, a_shape)
-        label, placed, with_size, with_position = _sample_pair(rng, detail, scene)
-        return label, caption_of(label, with_size, with_position), placed
+        return _sample_pair(rng, detail, scene)
     else:
         want = "color_shape"
     while True:
-        label, placed, with_size, with_position = _sample_pair(rng, detail) if two else _sample_single(rng, detail)
-        if heldout_kind(label) == want:
-            return label, caption_of(label, with_size, with_position), placed
+        drawn = _sample_pair(rng, detail) if two else _sample_single(rng, detail)
+        if heldout_kind(drawn[0]) == want:
+            return drawn
 
 
 def _sample_single(rng, detail):
@@ -254,13 +254,13 @@ class ShapesDataset(Dataset):
         self.placements: list[list[Placed]] = []  # the exact geometry of each item, for render()
         for i in range(size):
             rng = np.random.default_rng([seed, SPLITS.index(split), i])
-            label, caption, placed = _sample_scene(rng, split, two_object_fraction, detail)
+            label, placed, with_size, with_position = _sample_scene(rng, split, two_object_fraction, detail)
+            name = "both"
             if partial and len(label.objects) == 1:  # its own stream: partial=0 leaves every item as it was
                 extra = np.random.default_rng([seed, SPLITS.index(split), i, 1])
                 if extra.random() < partial:
-                    said = parse_caption(caption)
-                    caption = caption_of(label, (said.objects[0].size is not None,),
-                                         said.objects[0].position is not None, ("color", "shape")[extra.integers(2)])
+                    name = ("color", "shape")[extra.integers(2)]
+            caption = caption_of(label, with_size, with_position, name)
             self.labels.append(label)
             self.captions.append(caption)
             self.placements.append(placed)

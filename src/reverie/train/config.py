@@ -30,8 +30,8 @@ CHOICES = {"model.kind": KINDS, "model.prediction": PREDICTIONS, "model.beta_sch
 MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 1, "model.text_heads": 1, "model.text_max_length": 3,
             "model.vocab_size": 514, "optim.warmup_steps": 0, "train.steps": 1, "train.batch_size": 1,
             "train.grad_accum": 1, "train.seed": 0, "train.max_nonfinite": 1, "train.checkpoint_every": 0,
-            "train.keep_checkpoints": 1, "train.time_limit_minutes": 0, "log.every": 1, "log.sample_every": 0, "log.sample_count": 1,
-            "log.sample_steps": 1}
+            "train.keep_checkpoints": 1, "train.time_limit_minutes": 0, "log.every": 1, "log.sample_every": 0,
+            "log.sample_count": 1, "log.sample_steps": 1}
 RANGES = {"optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf), "optim.min_lr_ratio": (0, 1),
           "optim.grad_clip": (0, math.inf), "train.ema_decay": (0, 1), "train.cond_dropout": (0, 1),
           "train.offset_noise": (0, math.inf), "train.kl_weight": (0, math.inf), "log.sample_guidance": (0, math.inf)}

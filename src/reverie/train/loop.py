@@ -146,8 +146,9 @@ class Trainer:
         # rank 0's clock
         flags = [float(stop_requested), float(time_up and dist.is_main)]
         totals = dist.all_reduce_sum(torch.stack([loss_sum, *map(loss_sum.new_tensor, flags)]))
-        report = StepReport(loss=totals[0].item() / t.batch_size, lr=self.optimizer.param_groups[0]["lr"], ok=True,
-                            what="loss", grad_norm=None, stop=totals[1].item() > 0, time_up=totals[2].item() > 0)
+        loss_total, stops, times_up = totals.tolist()  # one device-to-host sync, not three
+        report = StepReport(loss=loss_total / t.batch_size, lr=self.optimizer.param_groups[0]["lr"], ok=True,
+                            what="loss", grad_norm=None, stop=stops > 0, time_up=times_up > 0)
         report.ok = math.isfinite(report.loss)
         if report.ok:
             self.scaler.unscale_(self.optimizer)
