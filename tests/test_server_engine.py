@@ -1,6 +1,7 @@
 """The engine on the shipped model: batching (a merged batch gives each request's images exactly as alone),
 cancellation of queued and running jobs, deadlines, the bounded queue, events, restart from the job store."""
 
+import dataclasses
 import io
 import threading
 import time
@@ -241,6 +242,54 @@ def _png(size=(64, 64)) -> bytes:
     buf = io.BytesIO()
     Image.fromarray((torch.rand(size[1], size[0], 3).numpy() * 255).astype("uint8")).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def test_compatible_edits_share_one_call_and_match_alone(tmp_path):
+    """img2img, inpainting and ControlNet jobs batch like text-to-image ones when their call-wide settings
+    (strength, source size, mask or not, ControlNet and its scale) agree; each image equals its request alone."""
+    from reverie.loading import load_controlnet
+
+    controlnet = load_controlnet("shapes-segmentation")
+    pipe = Gated(shapes())
+    e = engine(tmp_path, pipe, max_batch=8, batch_window_s=0.0, controlnets={"segmentation": controlnet})
+    try:
+        torch.manual_seed(0)
+        src = [_png() for _ in range(3)]
+        mask = _png()
+        head = e.submit(Request("a red circle", steps=STEPS, seed=1))
+        wait_for(lambda: pipe.steps, what="the first job to start")
+        edits = [  # (request, what it is merged with: jobs with the same letter share a call)
+            (Request("a blue square", image=src[0], strength=0.6, seed=2), "a"),
+            (Request("a green circle", image=src[1], strength=0.6, seed=3, n=2, guidance_scale=4.0), "a"),
+            (Request("a red square", image=src[2], strength=0.8, seed=5), "b"),  # another strength
+            (Request("a red square", image=_png((72, 64)), strength=0.6, seed=6), "c"),  # another source size
+            (Request("a yellow circle", image=src[0], mask=mask, seed=7), "d"),  # inpainting
+            (Request("a blue circle", image=src[1], mask=mask, seed=8), "d"),
+            (Request("a red triangle", control_image=src[0], control_type="segmentation", seed=9), "e"),
+            (Request("a green square", control_image=src[2], control_type="segmentation", seed=10), "e"),
+        ]
+        jobs = [e.submit(dataclasses.replace(r, steps=STEPS)) for r, _ in edits]
+        pipe.gate.set()
+        for job in [head, *jobs]:
+            assert job.done.wait(120) and job.status == "done", job.error
+        calls = [len(c) for c in pipe.calls[1:]]
+        assert calls == [3, 1, 1, 2, 2], calls  # the a's (three images), b, c, the d's, the e's
+        for job in jobs:
+            r = job.request
+            kwargs = dict(image=None if r.image is None else Image.open(io.BytesIO(r.image)).convert("RGB"),
+                          mask_image=None if r.mask is None else Image.open(io.BytesIO(r.mask)).convert("L"))
+            if r.image is not None:
+                kwargs["strength"] = r.strength
+            if r.control_image is not None:
+                kwargs.update(controlnet=controlnet, control_image=Image.open(io.BytesIO(r.control_image)))
+            ref = shapes()(r.prompt, steps=STEPS, guidance_scale=r.guidance_scale, seed=job.seeds, num_images=r.n,
+                           width=r.width, height=r.height, progress=False, **kwargs)
+            for i in range(r.n):
+                diff = np.abs(image(e, job, i) - np.asarray(ref.images[i], dtype=np.float64)).mean()
+                assert diff <= 1.0, (r.prompt, i, diff)
+    finally:
+        pipe.gate.set()
+        e.close()
 
 
 def test_the_batch_window_opens_after_the_results_are_delivered(tmp_path):

@@ -2,9 +2,10 @@
 
 One Engine object owns everything (no module globals). HTTP handlers call `submit`, `get`, `cancel` and
 listen to a job's events; a single worker thread takes the oldest queued job plus every queued job that can
-share its forward passes (same model, size, sampler, schedule, steps and prompt chunk count: guidance scales
-may differ, CFGDenoiser takes one per row) and runs them as one Pipeline call, one seed per image, so a
-batched image equals the same request run alone up to float rounding.
+share its forward passes (same model, size, sampler, schedule, steps and prompt chunk count, and for img2img,
+inpainting and ControlNet the same strength, source size and ControlNet: guidance scales may differ,
+CFGDenoiser takes one per row; source, mask and control images are per row) and runs them as one Pipeline
+call, one seed per image, so a batched image equals the same request run alone up to float rounding.
 
 Between denoising steps the sampler callback drops rows whose job was cancelled or ran past its deadline (the
 job is final at once; its row runs on, unseen, until the batch ends) and stops the call when no row is left.
@@ -352,15 +353,14 @@ class Engine:
         return sum(job.request.n for job in self._queue if self._key(job) == key)
 
     def _key(self, job: Job) -> tuple:
-        """Jobs with equal keys share forward passes. Edits (img2img, ControlNet) run alone."""
+        """Jobs with equal keys share forward passes: same model, size, sampler, schedule, steps and prompt
+        chunk count (the conditioning's shape: long prompts get more 77-token chunks), and for edits the same
+        edit settings (_edit_key)."""
         if job.key is None:
             r = job.request
-            if r.image is not None or r.control_image is not None:
-                job.key = ("alone", job.id)
-            else:  # the prompt chunk count fixes the conditioning's shape (long prompts get more 77-token chunks)
-                texts = [r.prompt, r.negative_prompt] if r.guidance_scale > 1 else [r.prompt]
-                chunks = self.models[r.model].text_encoder.tokenize(texts).shape[1]
-                job.key = (r.model, r.width, r.height, resolve(r.sampler, r.scheduler), r.steps, chunks)
+            texts = [r.prompt, r.negative_prompt] if r.guidance_scale > 1 else [r.prompt]
+            chunks = self.models[r.model].text_encoder.tokenize(texts).shape[1]
+            job.key = (r.model, r.width, r.height, resolve(r.sampler, r.scheduler), r.steps, chunks, _edit_key(r))
         return job.key
 
     def _expire_queued(self) -> None:  # holding self._cond
@@ -435,7 +435,7 @@ class Engine:
         self.metrics.observe("batch_jobs", len(batch))
         log.info("batch started", extra={"jobs": [j.id for j in batch], "images": images})
         callback = _StepCallback(self, pipe, batch, active)
-        kwargs = _edit_kwargs(r0, self.controlnets) if len(batch) == 1 else {}
+        kwargs = _edit_kwargs(batch, self.controlnets)
         result = pipe(prompts, negative_prompt=negatives, steps=r0.steps,
                       guidance_scale=scales if len(set(scales)) > 1 else scales[0], sampler=r0.sampler,
                       scheduler=r0.scheduler, width=r0.width, height=r0.height, seed=seeds, callback=callback,
@@ -547,9 +547,11 @@ class _StepCallback:
 
 
 def _accepts(pipe, name: str) -> bool:
+    """Whether the pipeline's __call__ takes the argument `name` (by name, or through **kwargs)."""
     import inspect
 
-    return name in inspect.signature(pipe.__call__).parameters
+    parameters = inspect.signature(pipe.__call__).parameters
+    return name in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
 
 
 def _open_image(name: str, data: bytes) -> Image.Image:
@@ -566,16 +568,43 @@ def _open_image(name: str, data: bytes) -> Image.Image:
     return image
 
 
-def _edit_kwargs(r: Request, controlnets: dict) -> dict:
-    """img2img / inpainting / ControlNet arguments for a job that runs alone."""
-    kwargs = {}
+def _image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header of an image the request's validation has read already."""
+    return Image.open(io.BytesIO(data)).size
+
+
+def _edit_key(r: Request) -> tuple:
+    """What edit jobs (img2img, inpainting, ControlNet) must share to run in one pipeline call: the settings
+    that apply to the whole call, and the source image's size (a call stacks its source images and masks
+    before resizing them; control images are resized one by one). () for plain text-to-image."""
+    key = ()
     if r.image is not None:
-        kwargs.update(image=_open_image("image", r.image).convert("RGB"), strength=r.strength)
-    if r.mask is not None:
-        kwargs["mask_image"] = _open_image("mask", r.mask).convert("L")
+        mask = None if r.mask is None else _image_size(r.mask)
+        key += ("image", _image_size(r.image), mask, r.strength)
     if r.control_image is not None:
-        kwargs.update(controlnet=controlnets[r.control_type], control_image=_open_image("control_image",
-                      r.control_image).convert("RGB"), controlnet_conditioning_scale=r.controlnet_scale)
+        key += ("control", r.control_type, r.controlnet_scale)
+    return key
+
+
+def _edit_kwargs(batch: list[Job], controlnets: dict) -> dict:
+    """img2img / inpainting / ControlNet arguments for a batch of jobs with equal _edit_key: one source image,
+    mask and control image per row of the call."""
+    r0 = batch[0].request
+
+    def per_row(name: str, mode: str) -> list[Image.Image]:
+        rows = []
+        for job in batch:
+            rows += [_open_image(name, getattr(job.request, name)).convert(mode)] * job.request.n
+        return rows
+
+    kwargs = {}
+    if r0.image is not None:
+        kwargs.update(image=per_row("image", "RGB"), strength=r0.strength)
+    if r0.mask is not None:
+        kwargs["mask_image"] = per_row("mask", "L")
+    if r0.control_image is not None:
+        kwargs.update(controlnet=controlnets[r0.control_type], control_image=per_row("control_image", "RGB"),
+                      controlnet_conditioning_scale=r0.controlnet_scale)
     return kwargs
 
 
