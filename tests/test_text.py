@@ -268,6 +268,24 @@ def test_bpe_tokenizer_round_trips_and_trains(tmp_path):
     assert losses[-1] < 0.8 * losses[0]
 
 
+def test_a_text_encoder_of_no_layers_keeps_words_apart(tmp_path):
+    """layers=0: CLIP's embeddings and final LayerNorm only, so a token's state depends on its word and place
+    alone; the folder still opens as a transformers CLIPTextModel, and clip_skip is refused by name."""
+    tok = train_bpe_tokenizer(CORPUS, 600, tmp_path / "tokenizer")
+    torch.manual_seed(0)
+    enc = TextEncoder.small(tok, hidden_size=32, layers=0, heads=4, max_length=16)
+    red_cat, red_dog, old_cat = enc.encode(["a red cat", "a red dog", "an old cat"]).detach()
+    assert torch.equal(red_cat[:3], red_dog[:3])  # BOS, "a", "red": the next word changes nothing before it
+    assert torch.equal(red_cat[3], old_cat[3])  # "cat" after other words: the same state
+    assert not torch.equal(red_cat[3], red_dog[3])
+    enc.save_pretrained(tmp_path / "te", tmp_path / "tok_saved")
+    reloaded = CLIPTextModel.from_pretrained(tmp_path / "te", local_files_only=True)
+    ids = enc.tokenize(["a red cat"]).reshape(1, -1)
+    assert torch.allclose(reloaded(ids).last_hidden_state[0], red_cat, atol=1e-6)
+    with pytest.raises(ValueError, match="clip_skip must be None"):
+        enc.encode("a red cat", clip_skip=0)
+
+
 # ---------------------------------------------------------------- (f) bad input
 
 

@@ -112,10 +112,14 @@ class TextEncoder(nn.Module):
               max_length: int = 77) -> TextEncoder:
         """A randomly initialised CLIP text transformer sized for training from scratch with `tokenizer`.
 
+        layers=0 leaves CLIP's token and position embeddings and its final LayerNorm: each token's state is its
+        word at its place, seen by no other word (how far that helps a model bind "red" to an unseen "triangle"
+        is measured in the README's shapes section).
+
         The tokenizer is adopted: its `model_max_length` is set to `max_length` so that diffusers, which pads
         to `tokenizer.model_max_length`, never exceeds the position embeddings.
         """
-        for name, value, low in (("hidden_size", hidden_size, 1), ("layers", layers, 1), ("heads", heads, 1),
+        for name, value, low in (("hidden_size", hidden_size, 1), ("layers", layers, 0), ("heads", heads, 1),
                                  ("max_length", max_length, 3)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -181,6 +185,8 @@ class TextEncoder(nn.Module):
         layers = self.text_model.config.num_hidden_layers
         if clip_skip is not None and not self.is_clip:
             raise ValueError("clip_skip: only CLIP text encoders have it; give None")
+        if clip_skip is not None and layers == 0:
+            raise ValueError(f"clip_skip must be None: this text encoder has no transformer layers; got {clip_skip!r}")
         if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
                                       or not 0 <= clip_skip < layers):
             raise ValueError(f"clip_skip must be None or an int in [0, {layers - 1}], got {clip_skip!r}")

@@ -27,7 +27,7 @@ EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 CHOICES = {"model.kind": KINDS, "model.prediction": PREDICTIONS, "model.beta_schedule": BETA_SCHEDULES,
            "train.mixed_precision": MIXED_PRECISION, "train.recon_loss": RECON_LOSSES,
            "train.export_dtype": EXPORT_DTYPES}
-MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 1, "model.text_heads": 1, "model.text_max_length": 3,
+MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 0, "model.text_heads": 1, "model.text_max_length": 3,
             "model.vocab_size": 514, "optim.warmup_steps": 0, "train.steps": 1, "train.batch_size": 1,
             "train.grad_accum": 1, "train.seed": 0, "train.max_nonfinite": 1, "train.checkpoint_every": 0,
             "train.keep_checkpoints": 1, "train.time_limit_minutes": 0, "log.every": 1, "log.sample_every": 0,
@@ -54,7 +54,7 @@ class ModelConfig:
     #                      parameters (a text projection) start fresh, all others must fit
     train_text_encoder: bool = True  # train the text encoder jointly (always, when it starts from scratch)
     text_hidden_size: int = 256  # from scratch: width of the CLIP text transformer (= UNet cross-attention width)
-    text_layers: int = 4  # from scratch: transformer layers
+    text_layers: int = 4  # from scratch: transformer layers (0: token + position embeddings only)
     text_heads: int = 4  # from scratch: attention heads
     text_max_length: int = 77  # from scratch and BERT-family encoders: tokens per prompt, BOS and EOS included
     vocab_size: int = 1024  # from scratch: BPE vocabulary trained on the data set's captions (>= 514)
