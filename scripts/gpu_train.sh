@@ -16,7 +16,6 @@
 # Inputs: the emoji font and names (EMOJI_FONT, EMOJI_NAMES; Debian's by default) and the emoji VAE to start
 # from (EMOJI_VAE, default runs/emoji_vae). SHAPES_SIZE (50000) and BUDGET_S (seconds) shrink it for a CPU check.
 set -u
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
 PY=${PYTHON:-python3}
 OUT=${OUT:-out/gpu}
 RUNS=${RUNS:-runs/gpu}
@@ -26,28 +25,19 @@ FONT=${EMOJI_FONT:-/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf}
 NAMES=${EMOJI_NAMES:-/usr/share/unicode/emoji/emoji-test.txt}
 EMOJI_VAE=${EMOJI_VAE:-runs/emoji_vae}
 LOGS=$RUNS/logs
+. scripts/gpu_lib.sh
 mkdir -p "$OUT" "$LOGS"
 T0=$(date +%s)
 
-train() { "$PY" -m reverie.train.cli "$@" --log.progress=false; }
-# minutes from now until $1 seconds before the end (at least 0.1)
-until_end() { awk -v s=$(( END - $1 - $(date +%s) )) 'BEGIN { printf "%.3f", (s < 6 ? 6 : s) / 60 }'; }
-on_the_clock() { echo "--train.steps=1000000 --optim.min_lr_ratio=1 --train.checkpoint_every=0 --train.time_limit_minutes=$(until_end "$1")"; }
 emoji_data=(--data.options.font_path="$FONT" --data.options.names_path="$NAMES")
 
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-      torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+device_info
 
-smoke() {  # 2 steps of each task: set-up, mixed precision, checkpoint, export and the sample grid on this device
-  local s=$RUNS/smoke tiny=(--train.steps=2 --train.batch_size=4 --log.sample_count=2 --log.sample_steps=2)
-  rm -rf "$s"
-  train configs/shapes_vae.json --train.output_dir="$s/vae" --data.options.size=16 "${tiny[@]}" &&
-  train configs/shapes_unet.toml --model.vae_path="$s/vae" --train.output_dir="$s/unet" \
-    --data.options.size=16 "${tiny[@]}" --log.sample_prompts='["a red circle"]' &&
-  train configs/shapes_controlnet.toml --model.base_model="$s/unet/model" --train.output_dir="$s/cn" \
-    --data.options.size=16 "${tiny[@]}" &&
-  train configs/emoji_unet.toml --model.vae_path="$EMOJI_VAE" --train.output_dir="$s/emoji" "${emoji_data[@]}" \
-    "${tiny[@]}" --log.sample_prompts='["red apple"]'
+smoke() {  # 2 steps of each task on this device
+  smoke_shapes &&
+  train configs/emoji_unet.toml --model.vae_path="$EMOJI_VAE" --train.output_dir="$RUNS/smoke/emoji" \
+    "${emoji_data[@]}" --train.steps=2 --train.batch_size=4 --log.sample_count=2 --log.sample_steps=2 \
+    --log.sample_prompts='["red apple"]'
 }
 if ! smoke > "$LOGS/smoke.log" 2>&1; then
   tail -40 "$LOGS/smoke.log"; echo "SMOKE FAILED"; exit 1
@@ -79,14 +69,7 @@ wait $emoji_pid; emoji_rc=$?
 echo "shapes chain rc $shapes_rc, emoji chain rc $emoji_rc, $(( $(date +%s) - START )) s after the smoke run"
 
 # what comes back: the fp16 model folders (split under the 16 MB per-file limit), logs, sample grids
-pack() {  # pack NAME DIR...: a tar of the dirs that exist, in 15 MB parts
-  local name=$1; shift
-  local dirs=(); for d in "$@"; do [ -d "$d" ] && dirs+=("$d"); done
-  [ ${#dirs[@]} -gt 0 ] && tar cf - "${dirs[@]}" | split -b 15M - "$OUT/$name.tar.part-"
-}
 pack shapes "$RUNS/shapes_unet/model" "$RUNS/shapes_controlnet/model"
 pack emoji "$RUNS/emoji_unet/model"
-for f in "$RUNS"/*/log.csv; do echo "== $f"; tail -2 "$f"; done
 tail -n 4 "$LOGS/shapes.log" "$LOGS/emoji.log"
-tar cf "$OUT/logs.tar" $(ls -d "$LOGS" "$RUNS"/*/log.csv "$RUNS"/*/samples "$RUNS"/*/config.json 2>/dev/null)
-ls -la "$OUT"
+pack_logs
