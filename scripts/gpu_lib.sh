@@ -1,6 +1,15 @@
-# Shared pieces of the GPU lease scripts (sourced by scripts/gpu_train.sh and scripts/gpu_shapes.sh).
-# Needs: PY, RUNS, OUT, LOGS set; END (epoch seconds) set before on_the_clock is used.
+# Shared pieces of the GPU lease scripts (sourced by scripts/gpu_train.sh and scripts/gpu_shapes.sh): their
+# settings (each overridable from the environment), the output folders, and the steps both take.
+# The scripts set END (epoch seconds: the end of the training budget) before on_the_clock is used.
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-4}
+PY=${PYTHON:-python3}
+OUT=${OUT:-out/gpu}
+RUNS=${RUNS:-runs/gpu}
+BUDGET_S=${BUDGET_S:-440}
+SHAPES_SIZE=${SHAPES_SIZE:-50000}
+LOGS=$RUNS/logs
+mkdir -p "$OUT" "$LOGS"
+T0=$(date +%s)
 
 train() { "$PY" -m reverie.train.cli "$@" --log.progress=false; }
 # minutes from now until $1 seconds before the end (at least 0.1)

@@ -13,21 +13,13 @@
 #
 #   BUDGET_S=60 SHAPES_SIZE=64 BATCH=8 EVAL_N=4 bash scripts/gpu_shapes.sh
 set -u
-PY=${PYTHON:-python3}
-OUT=${OUT:-out/gpu}
-RUNS=${RUNS:-runs/gpu}
-BUDGET_S=${BUDGET_S:-440}
-SHAPES_SIZE=${SHAPES_SIZE:-50000}
+. scripts/gpu_lib.sh
 BATCH=${BATCH:-1024}
 EVAL_N=${EVAL_N:-200}
 # A: the shipped model trained on (its UNet, text encoder and tokenizer), 30% one-attribute captions.
 A_ARGS=${A_ARGS:---model.unet_init=shapes --model.text_encoder_path=src/reverie/bundled/shapes --optim.lr=2e-4 --optim.warmup_steps=100 --data.options.partial=0.3}
 # B: from scratch with a text encoder of no layers (token + position embeddings: no word sees another).
 B_ARGS=${B_ARGS:---model.text_layers=0 --optim.lr=6e-4 --optim.warmup_steps=500}
-LOGS=$RUNS/logs
-. scripts/gpu_lib.sh
-mkdir -p "$OUT" "$LOGS"
-T0=$(date +%s)
 
 device_info
 DEVICE=$("$PY" -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")

@@ -16,18 +16,10 @@
 # Inputs: the emoji font and names (EMOJI_FONT, EMOJI_NAMES; Debian's by default) and the emoji VAE to start
 # from (EMOJI_VAE, default runs/emoji_vae). SHAPES_SIZE (50000) and BUDGET_S (seconds) shrink it for a CPU check.
 set -u
-PY=${PYTHON:-python3}
-OUT=${OUT:-out/gpu}
-RUNS=${RUNS:-runs/gpu}
-BUDGET_S=${BUDGET_S:-440}
-SHAPES_SIZE=${SHAPES_SIZE:-50000}
+. scripts/gpu_lib.sh
 FONT=${EMOJI_FONT:-/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf}
 NAMES=${EMOJI_NAMES:-/usr/share/unicode/emoji/emoji-test.txt}
 EMOJI_VAE=${EMOJI_VAE:-runs/emoji_vae}
-LOGS=$RUNS/logs
-. scripts/gpu_lib.sh
-mkdir -p "$OUT" "$LOGS"
-T0=$(date +%s)
 
 emoji_data=(--data.options.font_path="$FONT" --data.options.names_path="$NAMES")
 
