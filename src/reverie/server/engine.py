@@ -568,9 +568,12 @@ def _open_image(name: str, data: bytes) -> Image.Image:
     return image
 
 
-def _image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the header of an image the request's validation has read already."""
-    return Image.open(io.BytesIO(data)).size
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image's header; None if unreadable (the run then fails the job, not the worker)."""
+    try:
+        return Image.open(io.BytesIO(data)).size
+    except Exception:
+        return None
 
 
 def _edit_key(r: Request) -> tuple:
