@@ -16,40 +16,69 @@ Tokenizer quirks to know:
   word of its own, so `decode` gives back lowercase text with single spaces between such words ("42!" -> "4 2 !").
 - diffusers applies `clip_skip` to the prompt only: its negative prompt always uses the last layer.
   `encode` applies `clip_skip` to whatever it is given; pass `clip_skip=None` for negatives to match diffusers.
+
+SDXL, SD3 and FLUX tokenize differently: one chunk, truncated to 77 tokens and padded to 77, and they also read
+a pooled vector. `encode_pooled` does exactly that (and `TextEncoder` wraps SD3's/SDXL's
+`CLIPTextModelWithProjection` too, whose pooled vector is the projected EOS feature `text_embeds`). The pooled
+EOS position is transformers' own: with `eos_token_id == 2` in the config (old CLIP configs, diffusers' tiny test
+models) it is the position of the largest id, otherwise the first EOS (transformers/models/clip/modeling_clip.py).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from torch import Tensor, nn
-from transformers import (AutoConfig, AutoTokenizer, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer,
-                          PreTrainedTokenizerFast)
+from transformers import (AutoTokenizer, BertModel, CLIPTextConfig, CLIPTextModel,
+                          CLIPTextModelWithProjection, CLIPTokenizer, PreTrainedTokenizerFast)
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"  # CLIP's special tokens
 
 
-# the transformers models a TextEncoder wraps (config model_type -> class), and the tokenizer ids that open,
-# close and pad a chunk for each: CLIP's <|startoftext|> ... <|endoftext|>, BERT's [CLS] ... [SEP] [PAD]
+# the transformers models a TextEncoder wraps: config.json's model_type -> class (the default for that type), and
+# its `architectures` names, which tell CLIPTextModelWithProjection (SDXL's and SD3's CLIPs: same model_type
+# "clip_text_model", plus text_projection) from CLIPTextModel; and the tokenizer ids that open, close and pad a
+# chunk for each: CLIP's <|startoftext|> ... <|endoftext|>, BERT's [CLS] ... [SEP] [PAD]
 MODELS = {"clip_text_model": CLIPTextModel, "bert": BertModel}
+ARCHITECTURES = {"CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+                 "BertModel": BertModel}
+CLIP_MODELS = (CLIPTextModel, CLIPTextModelWithProjection)
 SPECIAL_IDS = {CLIPTextModel: ("bos_token_id", "eos_token_id", "pad_token_id"),
+               CLIPTextModelWithProjection: ("bos_token_id", "eos_token_id", "pad_token_id"),
                BertModel: ("cls_token_id", "sep_token_id", "pad_token_id")}
 
 
-class TextEncoder(nn.Module):
-    """A text transformer (CLIP, or a BERT-family sentence encoder) plus its tokenizer: list of prompts ->
-    (B, max_length * k, D) token embeddings."""
+def text_model_class(config: dict) -> type:
+    """The transformers class a text encoder's config.json describes: its `architectures` entry when it names one
+    of ARCHITECTURES, else the default class of its `model_type` (MODELS)."""
+    architectures = config.get("architectures") or []
+    named = [a for a in architectures if a in ARCHITECTURES]
+    if named:
+        return ARCHITECTURES[named[0]]
+    model_type = config.get("model_type", "clip_text_model")
+    if model_type not in MODELS:
+        raise ValueError(f"text encoder config.json: architectures must name one of {', '.join(ARCHITECTURES)} "
+                         f"or model_type be one of {', '.join(MODELS)}; got architectures={architectures!r}, "
+                         f"model_type={model_type!r} (T5 encoders open with reverie.models.t5.T5Encoder)")
+    return MODELS[model_type]
 
-    def __init__(self, text_model: CLIPTextModel | BertModel, tokenizer):
+
+class TextEncoder(nn.Module):
+    """A text transformer (CLIP with or without projection, or a BERT-family sentence encoder) plus its tokenizer:
+    list of prompts -> (B, max_length * k, D) token embeddings (`encode`), or diffusers' truncated 77-token
+    states of any layer plus the pooled vector (`encode_pooled`)."""
+
+    def __init__(self, text_model: CLIPTextModel | CLIPTextModelWithProjection | BertModel, tokenizer):
         super().__init__()
         if type(text_model) not in SPECIAL_IDS:
-            raise ValueError(f"text_model must be a transformers CLIPTextModel or BertModel, got "
-                             f"{type(text_model).__name__}")
+            raise ValueError(f"text_model must be a transformers CLIPTextModel, CLIPTextModelWithProjection or "
+                             f"BertModel, got {type(text_model).__name__}")
         names = SPECIAL_IDS[type(text_model)]
         for name in names:
             if getattr(tokenizer, name, None) is None:
@@ -61,33 +90,14 @@ class TextEncoder(nn.Module):
 
     @property
     def is_clip(self) -> bool:
-        return isinstance(self.text_model, CLIPTextModel)
+        return isinstance(self.text_model, CLIP_MODELS)
 
     # ---------------------------------------------------------------- construction and saving
 
     @classmethod
     def from_pretrained(cls, text_encoder_dir, tokenizer_dir, *, device=None, dtype=None) -> TextEncoder:
-        """Load diffusers' `text_encoder/` (config.json + model.safetensors) and `tokenizer/` folders, offline.
-
-        Weights are read from safetensors only (never unpickled). The tokenizer folder may hold CLIPTokenizer
-        files (vocab.json + merges.txt, as in SD 1.x/2.x), anything transformers saved (tokenizer_config.json),
-        or a bare `tokenizer.json` written by the tokenizers library (CLIP special tokens assumed).
-        dtype=None loads in torch's default dtype (float32), whatever the checkpoint stores.
-        """
-        text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
-        weights = [text_encoder_dir / n for n in ("config.json", "model.safetensors", "model.safetensors.index.json")]
-        if not weights[0].is_file() or not (weights[1].is_file() or weights[2].is_file()):
-            raise ValueError(f"text_encoder_dir must hold config.json and model.safetensors (pickled .bin weights "
-                             f"are never loaded), got {str(text_encoder_dir)!r}")
-        model_type = AutoConfig.from_pretrained(text_encoder_dir, local_files_only=True).model_type
-        if model_type not in MODELS:
-            raise ValueError(f"text_encoder_dir: config.json's model_type must be one of {', '.join(MODELS)}, got "
-                             f"{model_type!r}")
-        # transformers 5 loads in the checkpoint's dtype when given none: ask for the default one explicitly
-        text_model = MODELS[model_type].from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
-                                                        dtype=dtype or torch.get_default_dtype())
-        tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
-        return cls(text_model.to(device).eval(), tokenizer)
+        """Load diffusers' `text_encoder/` and `tokenizer/` folders offline: see `text_encoder_from_folder`."""
+        return text_encoder_from_folder(text_encoder_dir, tokenizer_dir, dtype=dtype).to(device)
 
     def save_pretrained(self, text_encoder_dir, tokenizer_dir, dtype: torch.dtype | None = None) -> None:
         """Write diffusers' `text_encoder/` (config.json + model.safetensors) and `tokenizer/` folders.
@@ -95,11 +105,14 @@ class TextEncoder(nn.Module):
         Weights are stored under SD's key names ("text_model.embeddings...", as in openai/clip-vit-large-patch14),
         which transformers 4 and 5 both load. transformers 5's own save would drop the "text_model." prefix for
         a model built from scratch (it flattened CLIPTextModel), which transformers 4 cannot read.
+        CLIPTextModelWithProjection keeps its own names (text_model.* and text_projection.weight).
         """
         path = Path(text_encoder_dir)
         path.mkdir(parents=True, exist_ok=True)
+        self.text_model.config.architectures = [type(self.text_model).__name__]  # what text_model_class reads
         self.text_model.config.save_pretrained(path)
-        prefix = "text_model." if self.is_clip else ""  # BERT's own names, as transformers saves them
+        # BERT's and CLIPTextModelWithProjection's own names, as transformers saves them
+        prefix = "text_model." if isinstance(self.text_model, CLIPTextModel) else ""
         weights = {k if k.startswith(prefix) else f"{prefix}{k}": v.detach().contiguous().cpu()
                    for k, v in self.text_model.state_dict().items()}
         if dtype is not None:  # e.g. float16 for shipping; integer buffers (position_ids) stay as they are
@@ -166,7 +179,7 @@ class TextEncoder(nn.Module):
         Every prompt gets the batch's largest chunk count k (at least 1); a chunk with no tokens left is
         BOS + EOS + padding, i.e. the chunk of the empty prompt (A1111's behaviour).
         """
-        prompts = _check_prompt(prompt)
+        prompts = check_prompts(prompt)
         # verbose=False: long prompts are chunked below, so transformers' "too long" warning does not apply.
         ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
         width = self.max_length - 2
@@ -197,7 +210,7 @@ class TextEncoder(nn.Module):
         use_mask = not self.is_clip or getattr(self.text_model.config, "use_attention_mask", False)
         mask = _chunk_mask(flat, self.eos_id) if use_mask else None
         if clip_skip is None:
-            hidden = self.text_model(flat, attention_mask=mask)[0]  # last_hidden_state, (B*k, L, D)
+            hidden = self.text_model(flat, attention_mask=mask).last_hidden_state  # (B*k, L, D)
         else:
             # diffusers' encode_prompt: hidden_states[-(clip_skip + 1)] through the final LayerNorm.
             states = self.text_model(flat, attention_mask=mask, output_hidden_states=True).hidden_states
@@ -215,6 +228,84 @@ class TextEncoder(nn.Module):
 
     def forward(self, prompt: str | list[str], clip_skip: int | None = None) -> Tensor:
         return self.encode(prompt, clip_skip)
+
+    # ---------------------------------------------------------------- diffusers' one-chunk encoding (SDXL, SD3, FLUX)
+
+    def tokenize_truncated(self, prompt: str | list[str]) -> Tensor:
+        """Prompts -> (B, max_length) ids as SDXL/SD3/FLUX pipelines tokenize: BOS + at most max_length - 2 tokens
+        + EOS, padded to max_length (`padding="max_length", truncation=True`). A longer prompt loses its tail
+        with a warning (warnings.warn) naming how many tokens were dropped, as diffusers logs one."""
+        prompts = check_prompts(prompt)
+        L = self.max_length
+        ids = self.tokenizer(prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
+        full = self.tokenizer(prompts, truncation=False, verbose=False).input_ids
+        warn_truncated(full, L, self.tokenizer, "CLIP", f"CLIP encodes at most {L} tokens")
+        return ids.input_ids  # (B, L)
+
+    def encode_pooled(self, prompt: str | list[str], *, hidden_layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """Prompts -> (states (B, max_length, D), pooled (B, P)) from one truncated, padded chunk
+        (`tokenize_truncated`), with no attention mask, as diffusers' SDXL/SD3/FLUX pipelines encode.
+
+        hidden_layer=None gives `last_hidden_state` (after the final LayerNorm); an int indexes transformers'
+        `hidden_states` (0 = token + position embeddings, -1 = the last layer's output), which do NOT pass the
+        final LayerNorm: SDXL and SD3 read hidden_states[-2], or [-(clip_skip + 2)] for the positive prompt.
+        pooled is the model's own pooled output: CLIPTextModelWithProjection's `text_embeds` (the projected EOS
+        feature: SDXL's text_encoder_2, SD3's two CLIPs), CLIPTextModel's `pooler_output` (the EOS feature after
+        the final LayerNorm, unprojected: FLUX).
+        """
+        if not self.is_clip:
+            raise ValueError("encode_pooled: only CLIP text encoders have a pooled output; this one is "
+                             f"{type(self.text_model).__name__}")
+        n = self.text_model.config.num_hidden_layers + 1  # len(hidden_states)
+        if hidden_layer is not None and (isinstance(hidden_layer, bool) or not isinstance(hidden_layer, int)
+                                         or not -n <= hidden_layer < n):
+            raise ValueError(f"hidden_layer must be None or an int in [{-n}, {n - 1}] (an index into this CLIP's "
+                             f"{n} hidden_states), got {hidden_layer!r}")
+        ids = self.tokenize_truncated(prompt).to(self.device)
+        out = self.text_model(ids, output_hidden_states=hidden_layer is not None)
+        if isinstance(self.text_model, CLIPTextModelWithProjection):
+            pooled = out.text_embeds  # (B, P)
+        else:
+            pooled = out.pooler_output  # (B, D)
+        states = out.last_hidden_state if hidden_layer is None else out.hidden_states[hidden_layer]  # (B, L, D)
+        return states, pooled
+
+
+def text_encoder_from_folder(text_encoder_dir, tokenizer_dir, *, dtype=None) -> TextEncoder:
+    """A TextEncoder from diffusers' `text_encoder*/` (config.json + model.safetensors, or sharded
+    model-0000x-of-0000n.safetensors with model.safetensors.index.json) and `tokenizer*/` folders, offline.
+
+    The class comes from config.json (`text_model_class`): `architectures` tells CLIPTextModelWithProjection
+    (SDXL's text_encoder_2, SD3's text_encoder and text_encoder_2) from CLIPTextModel; a config without
+    `architectures` falls back on `model_type`. Weights are read from safetensors only (never unpickled). The
+    tokenizer folder may hold anything `load_tokenizer` opens. dtype=None loads in torch's default dtype
+    (float32), whatever the checkpoint stores.
+    """
+    text_encoder_dir = Path(text_encoder_dir)
+    config_path = text_encoder_dir / "config.json"
+    weights = [text_encoder_dir / n for n in ("model.safetensors", "model.safetensors.index.json")]
+    if not config_path.is_file() or not any(w.is_file() for w in weights):
+        raise ValueError(f"text_encoder_dir must hold config.json and model.safetensors (or a sharded "
+                         f"model.safetensors.index.json; pickled .bin weights are never loaded), got "
+                         f"{str(text_encoder_dir)!r}")
+    model_class = text_model_class(json.loads(config_path.read_text()))
+    # transformers 5 loads in the checkpoint's dtype when given none: ask for the default one explicitly
+    text_model = model_class.from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
+                                             dtype=dtype or torch.get_default_dtype())
+    tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
+    return TextEncoder(text_model.eval(), tokenizer)
+
+
+def warn_truncated(full_ids: list[list[int]], max_length: int, tokenizer, name: str, why: str) -> None:
+    """Warn (warnings.warn) when any prompt's token list (special tokens included) exceeds max_length."""
+    long = [(i, len(row)) for i, row in enumerate(full_ids) if len(row) > max_length]
+    if not long:
+        return
+    i, n = long[0]
+    dropped = tokenizer.decode(full_ids[i][max_length - 1:-1])  # what truncation cut (the closing token stays)
+    more = f" ({len(long) - 1} more prompts too)" if len(long) > 1 else ""
+    warnings.warn(f"prompt {i} has {n} {name} tokens: {why}, so {n - max_length} were dropped{more}: {dropped!r}",
+                  stacklevel=3)
 
 
 # pretrained sentence encoders that install from the package registries with their weights: name -> (module,
@@ -258,7 +349,8 @@ def _chunk_mask(ids: Tensor, eos_id: int) -> Tensor:
     return (before_eos == 0).long()
 
 
-def _check_prompt(prompt) -> list[str]:
+def check_prompts(prompt) -> list[str]:
+    """A str or a non-empty list of str -> list of str; anything else raises ValueError naming `prompt`."""
     if isinstance(prompt, str):
         return [prompt]
     if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):

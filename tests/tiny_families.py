@@ -1,0 +1,169 @@
+"""Tiny random diffusers pipelines for the transformer families (DiT, SD3/SD3.5, FLUX.1), built offline and saved
+with diffusers' own `save_pretrained`, so reverie and the diffusers oracle read the same folder.
+
+Each builder copies the component order and `torch.manual_seed(0)` calls of diffusers' fast pipeline tests
+(tests/pipelines/{dit/test_dit.py, stable_diffusion_3/test_pipeline_stable_diffusion_3.py,
+flux/test_pipeline_flux.py}); see /work/shared/reference/architectures.md sections 2.4, 3.5, 4.5 and 6.
+Two things cannot be copied, because the Hub is out of reach:
+- `hf-internal-testing/tiny-random-clip` and `tiny-random-t5` tokenizers: replaced by a byte-level CLIP BPE and a
+  T5 Unigram vocabulary built here from the words the tests use (`clip_tokenizer`, `t5_tokenizer`).
+- `tiny-random-t5`'s weights (SD3 loads them pretrained): SD3's T5 is built from `T5_CONFIG` after seed 0, as the
+  FLUX test builds its T5. `T5_CONFIG` has tiny-random-t5's sizes (d_model 32, d_kv 8, d_ff 37, 4 heads, 5 layers,
+  vocab 1103) with T5Config's default initializer_factor 1.0 (unconfirmed for the Hub file; a far smaller factor
+  would leave attention nearly uniform and the tests blind to masking).
+
+This is a plain module the tests import (not a test file). Every builder writes into the folder it is given,
+returns it, and takes well under 2 s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+CLIP_CONFIG = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
+                   num_attention_heads=4, num_hidden_layers=5, pad_token_id=1, vocab_size=1000, hidden_act="gelu",
+                   projection_dim=32)  # diffusers' SD3/FLUX/SDXL tests (eos_token_id 2: CLIP's legacy argmax pooling)
+T5_CONFIG = dict(vocab_size=1103, d_model=32, d_kv=8, d_ff=37, num_layers=5, num_heads=4,
+                 relative_attention_num_buckets=8, feed_forward_proj="relu", layer_norm_epsilon=1e-6,
+                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)  # hf-internal-testing/tiny-random-t5's sizes
+
+# the prompts diffusers' tests and reverie's tests use; both tokenizers know their words
+PROMPTS = ["A painting of a squirrel eating a burger", "a red circle above a blue square", "bad quality",
+           "a different prompt", "another different prompt", "deformed", "blurry", "a photo of a cat",
+           "the cat on a red mat near the dog and an old car"]
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+def _words() -> list[str]:
+    seen = dict.fromkeys(w for p in PROMPTS for w in p.split())
+    return list(seen)
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's printable stand-ins for the 256 bytes, in CLIP's vocab.json order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    return [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+
+
+def clip_tokenizer(pad_token: str = EOS):
+    """A byte-level CLIP BPE in CLIP's vocab layout: 256 bytes, the same with "</w>", one piece per merge (each
+    test word merged left to right into one token), then <|startoftext|> and <|endoftext|> as the two highest ids,
+    so transformers' legacy pooling for eos_token_id == 2 (argmax of the ids) lands on EOS as with real CLIP.
+    pad_token="!" imitates SD3's/SDXL's OpenCLIP tokenizer_2."""
+    from transformers import CLIPTokenizer
+
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate([*symbols, *(s + "</w>" for s in symbols)])}
+    merges = []
+    for word in (w.lower() for w in _words()):
+        pieces = [*word[:-1], word[-1] + "</w>"]
+        for right in pieces[1:]:
+            merge = (pieces[0], right)
+            pieces[0] = "".join(merge)
+            if merge not in merges:
+                merges.append(merge)
+                vocab.setdefault(pieces[0], len(vocab))
+    vocab[BOS], vocab[EOS] = len(vocab), len(vocab) + 1
+    assert len(vocab) < CLIP_CONFIG["vocab_size"]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token=pad_token)
+
+
+def t5_tokenizer():
+    """A T5 Unigram tokenizer without sentencepiece: <pad> 0, </s> 1, <unk> 2, "▁", then "▁" + each test word
+    (lower case and capitalised; T5 keeps case) and single characters, so any ASCII prompt tokenizes."""
+    from transformers import T5Tokenizer
+
+    words = dict.fromkeys(v for w in _words() for v in (w.lower(), w.capitalize()))
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    scores = {"<pad>": 0.0, "</s>": 0.0, "<unk>": 0.0, "▁": -2.0}
+    for pieces, score in (([f"▁{w}" for w in words], -5.0), ([f"▁{c}" for c in chars], -8.0), (chars, -10.0)):
+        for piece in pieces:
+            scores.setdefault(piece, score)  # a piece listed twice would give Unigram two ids for one string
+    assert len(scores) <= T5_CONFIG["vocab_size"]
+    return T5Tokenizer(vocab=list(scores.items()), extra_ids=0)
+
+
+def _clip_text_model(with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(CLIPTextConfig(**CLIP_CONFIG))
+
+
+def _t5_model():
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    return T5EncoderModel(T5Config(**T5_CONFIG))
+
+
+def _flow_vae(latent_channels: int):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+                         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False,
+                         use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+
+
+def _save(pipe, folder) -> Path:
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def dit_folder(tmp) -> Path:
+    """diffusers' tiny DiTPipeline: seed 0 -> DiTTransformer2DModel, then AutoencoderKL() with defaults (no reseed,
+    one 64-channel level: VAE factor 1) and DDIMScheduler() defaults; class_labels [1], 2 steps -> 16x16 image."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=4, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+        out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
+        norm_type="ada_norm_zero", norm_elementwise_affine=False)
+    vae = AutoencoderKL()
+    return _save(DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler()), tmp)
+
+
+def sd3_folder(tmp, *, sd35: bool = False) -> Path:
+    """diffusers' tiny StableDiffusion3Pipeline (32x32 images, T5 width 32 = CLIP-L width: the CLIP states are
+    cropped, trap 10). sd35=True adds the SD3.5 transformer keys of diffusers' SD3.5 model test,
+    qk_norm="rms_norm" and dual_attention_layers=(0,) (diffusers has no SD3.5 pipeline test)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    extra = dict(qk_norm="rms_norm", dual_attention_layers=(0,)) if sd35 else {}
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4, **extra)
+    text_encoder = _clip_text_model(with_projection=True)  # seed 0 before each: identical weights, as in diffusers
+    text_encoder_2 = _clip_text_model(with_projection=True)
+    text_encoder_3 = _t5_model()
+    vae = _flow_vae(latent_channels=4)
+    pipe = StableDiffusion3Pipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        text_encoder_3=text_encoder_3, tokenizer=clip_tokenizer(), tokenizer_2=clip_tokenizer(),
+        tokenizer_3=t5_tokenizer(), transformer=transformer, vae=vae)
+    return _save(pipe, tmp)
+
+
+def flux_folder(tmp, *, dev: bool) -> Path:
+    """diffusers' tiny FluxPipeline (8x8 images, 4 image tokens, max_sequence_length 48 in its test); dev=True adds
+    guidance_embeds (FLUX.1-dev's distilled guidance), dev=False is schnell-style."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=dev)
+    text_encoder = _clip_text_model(with_projection=False)
+    text_encoder_2 = _t5_model()
+    vae = _flow_vae(latent_channels=1)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
+                        text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(), tokenizer_2=t5_tokenizer(),
+                        transformer=transformer, vae=vae, image_encoder=None, feature_extractor=None)
+    return _save(pipe, tmp)
