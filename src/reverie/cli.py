@@ -33,10 +33,12 @@ def _generate(args) -> None:
     if args.prompt is None:
         raise ValueError("prompt: give a prompt, or --from IMAGE to regenerate an image")
     _check_png(args.out)
+    files = {k: getattr(args, k) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "config",
+                                           "variant") if getattr(args, k) is not None}
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, offload=args.offload,
-                                    safety_checker=_safety_option(args))
+                                    safety_checker=_safety_option(args), **files)
     _configure_safety(pipe, args)
     if args.attention_slicing:
         pipe.enable_attention_slicing()
@@ -45,13 +47,31 @@ def _generate(args) -> None:
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
                   seed=_seeds(args.seed, args.num_images), num_images=args.num_images, clip_skip=args.clip_skip,
-                  **_control_kwargs(args), **_edit_kwargs(args, pipe))
+                  **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         _save(image, result, i, path)
         print(f"wrote {path} (seed {result.params['seeds'][i]})")
+
+
+def _family_kwargs(args) -> dict:
+    """The flow families' options given on the command line (the pipeline refuses those a model lacks)."""
+    out = {}
+    if args.shift is not None:
+        out["shift"] = args.shift
+    if args.true_cfg is not None:
+        out["true_cfg_scale"] = args.true_cfg
+    if args.max_sequence_length is not None:
+        out["max_sequence_length"] = args.max_sequence_length
+    if args.skip_layers:
+        try:
+            out["skip_guidance_layers"] = [int(i) for i in args.skip_layers.split(",")]
+        except ValueError:
+            raise ValueError(f"--skip-layers: comma-separated block indices, e.g. 7,8,9; got {args.skip_layers!r}") \
+                from None
+    return out
 
 
 # --- image files with their parameters, safety options, regeneration (reverie.metadata, reverie.safety) -------
@@ -403,10 +423,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji), a diffusers folder or a "
                                      "single-file .safetensors checkpoint")
     gen.add_argument("--negative", default=None, help="negative prompt")
-    gen.add_argument("--steps", type=int, default=30)
-    gen.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
-    gen.add_argument("--sampler", default="dpmpp_2m", help="any name reverie.samplers.resolve accepts")
-    gen.add_argument("--scheduler", default=None, help="schedule type: karras, exponential, normal, automatic")
+    gen.add_argument("--steps", type=int, default=None, help="default: the model family's (SD 30, SD3/FLUX dev 28, "
+                     "FLUX schnell 4, DiT 50)")
+    gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's: SD 7.5, "
+                     "SD3 7, FLUX dev 3.5 distilled, DiT 4)")
+    gen.add_argument("--sampler", default=None, help="any name reverie.samplers.resolve accepts (default: SD "
+                     "dpmpp_2m, otherwise the model's own scheduler)")
+    gen.add_argument("--scheduler", default=None, help="schedule type: karras, exponential, normal, automatic; flow "
+                     "models also simple, sgm_uniform, beta")
+    gen.add_argument("--shift", type=float, default=None, help="flow models: the schedule's shift (ComfyUI's "
+                     "ModelSamplingSD3 shift; default: the model's)")
+    gen.add_argument("--true-cfg", type=float, default=None, help="FLUX: classifier-free guidance scale with "
+                     "--negative (true_cfg_scale; distilled --guidance still applies)")
+    gen.add_argument("--max-sequence-length", type=int, default=None, help="SD3/FLUX: T5 tokens (SD3 256, FLUX 512)")
+    gen.add_argument("--skip-layers", default=None, metavar="7,8,9", help="SD3.5: skip-layer guidance blocks")
+    gen.add_argument("--text-encoder", default=None, help="single files: CLIP-L (file or folder)")
+    gen.add_argument("--text-encoder-2", default=None, help="single files: CLIP-G (SD3) or T5 (FLUX)")
+    gen.add_argument("--text-encoder-3", default=None, help="single files: T5 (SD3)")
+    gen.add_argument("--vae", default=None, help="a VAE file or folder to use instead of the model's")
+    gen.add_argument("--config", default=None, help="single files: a diffusers folder of the same family for configs, "
+                     "tokenizers and what the file lacks")
+    gen.add_argument("--variant", default=None, help="diffusers folders: weights variant (fp16, bf16)")
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--seed", type=int, default=None)

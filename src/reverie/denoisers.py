@@ -123,15 +123,28 @@ class FlowDenoiser(nn.Module):
     Flow convention: x = (1 - sigma) x0 + sigma eps with sigma in [0, 1] (diffusers' FlowMatch "sigmas");
     the network predicts v = eps - x0 and sees the timestep sigma * timestep_scale. Flow samplers
     (`euler_flow`) use this denoiser directly; `.ve()` gives the same model in the VE convention for
-    every other sampler."""
+    every other sampler (reverie.flow.sample does that).
 
-    def __init__(self, net: nn.Module, timestep_scale: float = 1000.0):
+    timesteps: optional (sigmas (n,), timesteps (n,)): at these flow times the network sees these timesteps
+    instead (diffusers' DPMSolverMultistep / UniPC on flow models pass integer timesteps:
+    FlowSchedule.timestep_table)."""
+
+    def __init__(self, net: nn.Module, timestep_scale: float = 1000.0, timesteps: tuple | None = None):
         super().__init__()
-        self.net, self.timestep_scale = net, timestep_scale
+        self.net, self.timestep_scale, self.timesteps = net, timestep_scale, timesteps
+
+    def timestep(self, sigma: Tensor) -> Tensor:
+        """What the network sees at flow times sigma (B,)."""
+        t = sigma * self.timestep_scale
+        if self.timesteps is None:
+            return t
+        table_sigmas, table_t = (torch.as_tensor(a, device=sigma.device) for a in self.timesteps)
+        gap, index = (sigma[:, None].double() - table_sigmas[None].double()).abs().min(1)
+        return torch.where(gap <= 1e-7, table_t[index].to(t.dtype), t)
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = _sigma_batch(sigma, x)
-        v = self.net(x, sigma * self.timestep_scale, **cond)
+        v = self.net(x, self.timestep(sigma), **cond)
         return x - _bcast(sigma, x) * v
 
     def ve(self) -> "VEFromFlow":
@@ -153,15 +166,19 @@ class FlowDenoiser(nn.Module):
 
 
 class VEFromFlow(nn.Module):
-    """A flow denoiser seen in the VE convention: x_ve = x_flow / (1 - t), sigma_ve = t / (1 - t)."""
+    """A flow denoiser (a FlowDenoiser, or a wrapper of one) seen in the VE convention:
+    x_ve = x_flow / (1 - t), sigma_ve = t / (1 - t). `dtype`: what the flow denoiser gets (default x's), so a
+    sampler can run in float64 around a float32 model; the x0 estimate comes back in x's dtype."""
 
-    def __init__(self, flow: FlowDenoiser):
+    def __init__(self, flow, dtype: torch.dtype | None = None):
         super().__init__()
-        self.flow = flow
+        self.flow, self.dtype = flow, dtype
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
         sigma = _sigma_batch(sigma, x)
-        return self.flow(x / _bcast(1 + sigma, x), sigma / (1 + sigma), **cond)
+        dtype = self.dtype or x.dtype
+        x_flow = (x / _bcast(1 + sigma, x)).to(dtype)
+        return self.flow(x_flow, (sigma / (1 + sigma)).to(dtype), **cond).to(x.dtype)
 
 
 def flow_sigmas(steps: int, shift: float = 1.0, num_train_timesteps: int = 1000) -> Tensor:

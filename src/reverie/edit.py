@@ -391,7 +391,8 @@ class EditPlan:
 
 
 def plan_edit(source: EditSource, sigmas: Tensor, *, encode, generator, shape, device,
-              noise: Tensor | None = None, inpaint_network: bool = False, noise_scale: float = 1.0) -> EditPlan:
+              noise: Tensor | None = None, inpaint_network: bool = False, noise_scale: float = 1.0,
+              tail=strength_sigmas, add_noise=None) -> EditPlan:
     """Where img2img / inpainting sampling starts, drawing from `generator` in diffusers' order (image
     latents, noise, masked-image latents), so a seed gives diffusers' image.
 
@@ -400,9 +401,12 @@ def plan_edit(source: EditSource, sigmas: Tensor, *, encode, generator, shape, d
     image latents plus noise at its first sigma (img2img);
     inpainting networks at strength 1 start from pure noise * noise_scale instead (diffusers' inpainting
     pipeline). Fill modes change the latents under the mask ("latent noise": fresh noise, "latent
-    nothing": zeros) or the pixels before encoding ("fill")."""
+    nothing": zeros) or the pixels before encoding ("fill").
+
+    tail(sigmas, strength) picks the levels to run and add_noise(x0, noise, sigma) noises the image to the first
+    of them: the VE ones by default (x0 + sigma * noise); flow models pass theirs (reverie.sampling)."""
     strength = source.strength
-    tail = strength_sigmas(sigmas, strength)
+    tail = tail(sigmas, strength)
     masked, factor = source.repaint is not None, source.height // shape[-2]
     pure_noise = inpaint_network and strength == 1
     image = fill_masked(source.image, source.repaint) if masked and source.fill == "fill" else source.image
@@ -424,7 +428,10 @@ def plan_edit(source: EditSource, sigmas: Tensor, *, encode, generator, shape, d
         cond["concat"] = torch.cat([F.interpolate(repaint, size=shape[-2:]), masked_latents], dim=1)
     if len(tail) == 1:  # nothing to denoise (strength 0): the image's own latents
         return EditPlan(tail.new_zeros(1), known, cond, source=source)
-    x = noise * noise_scale if pure_noise else init + tail[0].item() * noise
+    if pure_noise:
+        x = noise * noise_scale
+    else:
+        x = init + tail[0].item() * noise if add_noise is None else add_noise(init, noise, tail[0].item())
     if masked and not inpaint_network:
         return EditPlan(tail, x, cond, known, latent_mask, source)
     return EditPlan(tail, x, cond, source=source)

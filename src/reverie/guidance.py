@@ -39,8 +39,14 @@ class CFGDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
         if not isinstance(self.scale, Tensor) and self.scale == 1:
             return self.denoiser(x, sigma, **self.cond)
+        return self.combine(x, sigma, *self.parts(x, sigma))
+
+    def parts(self, x: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
+        """(D_uncond, D_cond) in one batched pass."""
         both = {k: torch.cat([self.uncond[k], self.cond[k]]) for k in self.cond}
-        d_uncond, d_cond = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+        return self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), **both).chunk(2)
+
+    def combine(self, x: Tensor, sigma: Tensor, d_uncond: Tensor, d_cond: Tensor) -> Tensor:
         scale = self.scale
         if isinstance(scale, Tensor):  # (B,) -> (B, 1, ..., 1)
             scale = scale.to(x.device, x.dtype).reshape(-1, *[1] * (x.ndim - 1))
@@ -70,3 +76,29 @@ def _eps_from_denoised(x: Tensor, sigma: Tensor, denoised: Tensor) -> Tensor:
 
 def _denoised_from_eps(x: Tensor, sigma: Tensor, eps: Tensor) -> Tensor:
     return x - sigma.reshape(-1, *[1] * (x.ndim - 1)) * eps
+
+
+class SkipLayerGuidance(nn.Module):
+    """D = D_cfg + scale * (D_cond - D_skip) at the chosen steps, D_skip being the conditional prediction with
+    some transformer blocks skipped (Stability's skip-layer guidance for SD3.5; diffusers' skip_guidance_layers).
+
+    Linear in the prediction, so applying it to x0 estimates equals diffusers' on velocities. `sigmas` are the
+    levels at which it is active (steps i with steps * start < i < steps * stop, as diffusers)."""
+
+    def __init__(self, cfg: CFGDenoiser, skip: dict, scale: float, sigmas: list[float]):
+        super().__init__()
+        if cfg.uncond is None:
+            raise ValueError("skip_guidance_layers needs classifier-free guidance (guidance_scale > 1)")
+        self.cfg, self.skip, self.sigmas = cfg, skip, sigmas
+        self.scale = _check_scale("skip_layer_guidance_scale", scale)
+
+    def _active(self, sigma: float) -> bool:
+        return any(abs(sigma - s) <= 1e-5 * max(1.0, s) for s in self.sigmas)
+
+    def forward(self, x: Tensor, sigma: Tensor) -> Tensor:
+        d_uncond, d_cond = self.cfg.parts(x, sigma)
+        guided = self.cfg.combine(x, sigma, d_uncond, d_cond)
+        if not self._active(float(sigma[0])):
+            return guided
+        d_skip = self.cfg.denoiser(x, sigma, **self.cfg.cond, **self.skip)
+        return guided + self.scale * (d_cond - d_skip)

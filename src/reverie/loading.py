@@ -36,6 +36,19 @@ def _build(cls, config: dict, state_dict: dict, name: str):
     return module
 
 
+def load_network(cls, folder: Path, *, variant: str | None = None, allow_pickle: bool = False):
+    """A diffusers model folder (config.json + weights, sharded or not, optionally a variant such as "fp16") as
+    reverie's `cls`, loaded strictly."""
+    folder = Path(folder)
+    return _build(cls, read_config(folder), load_weights(folder, variant, allow_pickle=allow_pickle), folder.name)
+
+
+def save_network(module, folder: Path, *, dtype=None) -> Path:
+    """Write a network as a diffusers model folder (config.json + diffusion_pytorch_model.safetensors)."""
+    return save_component(Path(folder), module.state_dict(), module.to_config(),
+                          "diffusion_pytorch_model.safetensors", dtype)
+
+
 def _text_encoder(config: dict, state_dict: dict, tokenizer_dir) -> TextEncoder:
     from transformers import AutoConfig
 
@@ -198,3 +211,57 @@ def model_path(model: str | None) -> Path:
     if model in bundled:
         return BUNDLED / model
     raise ValueError(f"--model: {model!r} is neither a path nor a bundled model ({', '.join(bundled) or 'none'})")
+
+
+# --- the transformer families (DiT, SD3, FLUX) ---------------------------------------------------------------
+
+
+def _tokenizer_dir(path: Path, name: str) -> Path:
+    return path / name.replace("text_encoder", "tokenizer")  # text_encoder_2 -> tokenizer_2
+
+
+def load_text_encoder(text_encoder_dir: Path, tokenizer_dir: Path):
+    """A text encoder folder as reverie's wrapper: CLIP (with or without projection) or T5, by its config."""
+    from .models.t5 import T5Encoder
+    from .models.text import text_encoder_from_folder
+
+    architectures = read_config(text_encoder_dir).get("architectures") or []
+    if any(a.startswith("T5") for a in architectures) or read_config(text_encoder_dir).get("model_type") == "t5":
+        return T5Encoder.from_pretrained(text_encoder_dir, tokenizer_dir)
+    return text_encoder_from_folder(text_encoder_dir, tokenizer_dir)
+
+
+def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, ...], *, variant=None,
+                            allow_pickle: bool = False, **_):
+    """(components, scheduler config) of an SD3 or FLUX diffusers folder. A text encoder that model_index.json
+    lists as [null, null] (SD3 without T5) is None."""
+    index = read_model_index(path)
+    components = {"transformer": load_network(network_cls, path / "transformer", variant=variant,
+                                              allow_pickle=allow_pickle),
+                  "vae": load_network(AutoencoderKL, path / "vae", variant=variant, allow_pickle=allow_pickle)}
+    for name in text_encoders:
+        spec = index.get(name)
+        present = isinstance(spec, list) and spec[-1] is not None and (path / name).is_dir()
+        components[name] = load_text_encoder(path / name, _tokenizer_dir(path, name)) if present else None
+    return components, read_json(path / "scheduler" / "scheduler_config.json")
+
+
+def save_transformer_folder(pipe, path: Path, pipeline_class: str, transformer_class: str,
+                            text_encoders: tuple[str, ...], *, dtype=None) -> None:
+    """Write an SD3 or FLUX pipeline as a diffusers folder that its diffusers pipeline class opens."""
+    save_network(pipe.transformer, path / "transformer", dtype=dtype)
+    save_network(pipe.vae, path / "vae", dtype=dtype)
+    entries = {"transformer": ("diffusers", transformer_class), "vae": ("diffusers", "AutoencoderKL")}
+    for name in text_encoders:
+        encoder = pipe.components.get(name)
+        tokenizer = name.replace("text_encoder", "tokenizer")
+        if encoder is None:
+            entries[name] = entries[tokenizer] = None
+            continue
+        encoder.save_pretrained(path / name, path / tokenizer, dtype=dtype)
+        entries[name] = ("transformers", type(encoder.text_model).__name__)
+        entries[tokenizer] = ("transformers", type(encoder.tokenizer).__name__.removesuffix("Fast"))
+    (path / "scheduler").mkdir(parents=True, exist_ok=True)
+    write_json(path / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
+    entries["scheduler"] = ("diffusers", pipe.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
+    write_model_index(path, entries, class_name=pipeline_class)

@@ -1,10 +1,12 @@
-"""Text-to-image: prompt -> conditioning -> sampler -> VAE decode -> images and the parameters used.
+"""Text-to-image for every model family: request -> conditioning -> start latents -> denoiser -> guidance and
+feature wrappers -> sampler -> decode -> safety -> images and the parameters used.
 
-The pipeline only wires components together: the network becomes a denoiser (reverie.denoisers),
-guidance is a denoiser wrapper (reverie.guidance), the sampler and its noise levels come from
-reverie.samplers.resolve and the model's own DiscreteSchedule, so every sampler name works with every
-model, and a folder's scheduler config (beta schedule, prediction type, timestep spacing, steps_offset) is
-honoured exactly as diffusers honours it.
+The pipeline only wires components together. What differs between SD 1/2, DiT, SD3 and FLUX lives in the
+model's family (reverie.families: components, conditioning, the network call, the latent layout); what differs
+between discrete VP and flow schedules in reverie.sampling. The network becomes a denoiser (reverie.denoisers),
+guidance is a denoiser wrapper (reverie.guidance), img2img and inpainting are reverie.edit's plan, and the
+sampler and its noise levels come from reverie.samplers.resolve and the model's own schedule, so every sampler
+name works with every model, and a folder's scheduler config is honoured exactly as diffusers honours it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,10 +25,12 @@ from PIL import Image
 from torch import Tensor
 
 from . import control, edit
-from .denoisers import DiscreteDenoiser, randn
+from . import families
+from .denoisers import randn
 from .guidance import CFGDenoiser
 from .progress import ProgressBar
 from .samplers import resolve
+from .sampling import sampling_for
 from .schedules import DiscreteSchedule
 
 MAX_SEED = 2**32 - 1
@@ -82,67 +87,101 @@ def to_pil(images: Tensor) -> list[Image.Image]:
 
 
 class Pipeline:
-    """A latent text-to-image model: UNet, VAE, text encoder and the training schedule.
+    """A latent diffusion model of any family (reverie.families): its components, schedule and family.
 
-    Pipeline.from_pretrained(path) opens a diffusers folder or a single-file checkpoint; calling the
-    pipeline generates images. Components stay on `device` in `dtype`; with `offload=True` they live on
-    the CPU and visit the device one at a time (for small GPU memory)."""
+    Pipeline.from_pretrained(path) opens a diffusers folder or a single-file checkpoint; calling the pipeline
+    generates images. Components stay on `device` in `dtype`; with `offload=True` they live on the CPU and
+    visit the device one at a time (for small GPU memory). Pipeline(unet, vae, text_encoder, schedule) builds an
+    SD 1/2-layout model (the layout reverie trains); Pipeline.from_components(family, components, schedule)
+    any family."""
 
     def __init__(self, unet, vae, text_encoder, schedule: DiscreteSchedule, *, name: str = "model",
                  device="cpu", dtype=torch.float32, offload: bool = False, scheduler_config: dict | None = None):
-        self.unet, self.vae, self.text_encoder, self.schedule = unet, vae, text_encoder, schedule
+        self._setup(families.get("sd"), dict(unet=unet, vae=vae, text_encoder=text_encoder), schedule, name=name,
+                    device=device, dtype=dtype, offload=offload, scheduler_config=scheduler_config)
+
+    @classmethod
+    def from_components(cls, family, components: dict, schedule, **options) -> "Pipeline":
+        """A pipeline of `family` (a reverie.families.Family or its name) from its components by diffusers'
+        names (transformer, vae, text_encoder, text_encoder_2, ...) and its schedule (DiscreteSchedule or
+        reverie.flow.FlowSchedule). Options as Pipeline()."""
+        pipe = cls.__new__(cls)
+        pipe._setup(families.get(family) if isinstance(family, str) else family, components, schedule, **options)
+        return pipe
+
+    def _setup(self, family, components: dict, schedule, *, name="model", device="cpu", dtype=torch.float32,
+               offload=False, scheduler_config=None):
+        self.family, self.components, self.schedule = family, dict(components), schedule
+        self.sampling = sampling_for(schedule)
+        for key, component in self.components.items():
+            setattr(self, key, component)
+        self.network = self.components[family.network]
         # the diffusers scheduler config this model came with, written back by save_pretrained
         self.scheduler_config = scheduler_config or {"_class_name": "DDIMScheduler", "clip_sample": False,
                                                      **dataclasses.asdict(schedule)}
         self.name, self.device, self.dtype, self.offload = name, torch.device(device), dtype, offload
         # the VAE asks for float32 when fp16 overflows it (diffusers' force_upcast; SD's VAE does)
+        vae = self.components["vae"]
         self.vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.force_upcast else dtype
-        for module, module_dtype in ((unet, dtype), (vae, self.vae_dtype), (text_encoder, dtype)):
-            module.to("cpu" if offload else self.device, module_dtype).eval().requires_grad_(False)
+        for key, module in self.components.items():
+            if isinstance(module, torch.nn.Module):
+                module_dtype = self.vae_dtype if key == "vae" else dtype
+                module.to("cpu" if offload else self.device, module_dtype).eval().requires_grad_(False)
 
     # --- loading and saving -------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=torch.float32, allow_pickle: bool = False,
                         prediction_type: str | None = None, tokenizer=None, offload: bool = False,
-                        safety_checker="auto") -> "Pipeline":
-        """Open a diffusers folder (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/) or
-        a single-file Stable Diffusion checkpoint (.safetensors; pickles only with allow_pickle=True).
+                        safety_checker="auto", **options) -> "Pipeline":
+        """Open a diffusers folder of any family (model_index.json names its pipeline: StableDiffusionPipeline,
+        DiTPipeline, StableDiffusion3Pipeline, FluxPipeline) or a single-file checkpoint (.safetensors; SD 1/2,
+        SD3 and FLUX are told apart by their keys; pickles only with allow_pickle=True).
 
         prediction_type overrides the scheduler config's (single files do not record it: SD 2.x 768 models
-        are "v_prediction"). tokenizer: a tokenizer folder, needed for single files (they contain none).
+        are "v_prediction"). tokenizer: a tokenizer folder, needed for SD single files (they contain none).
         safety_checker: "auto" (on when the folder ships one), None (off), a checker folder, a callable
-        images -> flags, or a reverie.safety.SafetyFilter (see reverie.safety.from_option)."""
-        from .loading import load_folder, load_single_file
+        images -> flags, or a reverie.safety.SafetyFilter (see reverie.safety.from_option). Family options
+        (the family's load_folder / load_single_file): variant ("fp16", "bf16"), text_encoder / text_encoder_2 /
+        text_encoder_3 / vae (separate files or folders for single files), config (a diffusers folder to
+        take configs, tokenizers and missing components from)."""
+        from .formats import load_checkpoint, read_safetensors_header
+        from .safety import from_option
 
         path = Path(path)
         if not path.exists():
             raise ValueError(f"path does not exist: {path}")
-        loader = load_folder if path.is_dir() else load_single_file
-        unet, vae, text_encoder, scheduler_config = loader(path, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        options = dict(options, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        if path.is_dir():
+            family = families.family_of_folder(path)
+            components, scheduler_config = family.load_folder(path, **options)
+        else:
+            keys = read_safetensors_header(path) if path.suffix == ".safetensors" else None
+            family = families.family_of_checkpoint(dict.fromkeys(keys) if keys is not None else
+                                                   load_checkpoint(path, allow_pickle=allow_pickle))
+            components, scheduler_config = family.load_single_file(path, **options)
         if prediction_type is not None:
+            if family.schedule_kind != "vp":
+                raise ValueError(f"prediction_type: {family.name} models predict a flow velocity; only DDPM-family "
+                                 f"models (SD, DiT) take epsilon | v_prediction | sample")
             scheduler_config = dict(scheduler_config, prediction_type=prediction_type)
-        schedule = DiscreteSchedule.from_config(scheduler_config)
-        pipe = cls(unet, vae, text_encoder, schedule, name=path.stem, device=device, dtype=dtype, offload=offload,
-                   scheduler_config=scheduler_config)
-        from .safety import from_option
-
+        schedule = family.schedule(scheduler_config)
+        pipe = cls.from_components(family, components, schedule, name=path.stem, device=device, dtype=dtype,
+                                   offload=offload, scheduler_config=scheduler_config)
         pipe.source = path
         pipe.safety_checker = from_option(safety_checker, path, device="cpu" if offload else device, dtype=dtype)
         return pipe
 
     def save_pretrained(self, path, *, dtype=None) -> None:
-        """Write a diffusers folder that diffusers' StableDiffusionPipeline.from_pretrained opens."""
-        from .loading import save_folder
-
-        save_folder(self, Path(path), dtype=dtype)
+        """Write a diffusers folder that diffusers' pipeline class for this family opens."""
+        self.family.save_folder(self, Path(path), dtype=dtype)
 
     # --- memory options -----------------------------------------------------------------------------
 
     def enable_attention_slicing(self, slice_size: int | None = 1) -> None:
         from .models.layers import set_attention_slice
 
-        set_attention_slice(self.unet, slice_size)
+        set_attention_slice(self.network, slice_size)
 
     @contextlib.contextmanager
     def _on_device(self, module):
@@ -158,30 +197,35 @@ class Pipeline:
 
     @property
     def downsample_factor(self) -> int:
+        """The VAE's factor: image pixels per latent pixel."""
         return self.vae.downsample_factor
+
+    @property
+    def size_multiple(self) -> int:
+        """Widths and heights must be multiples of this (the VAE's factor times the network's patch size)."""
+        return self.family.size_multiple(self)
 
     @property
     def default_size(self) -> int:
         """The image size the model was trained at (diffusers' default height and width)."""
-        sample_size = self.unet.config.sample_size
-        return (sample_size if isinstance(sample_size, int) else sample_size[0]) * self.downsample_factor
+        return self.family.default_size(self)
 
     # --- safety and provenance (reverie.safety, reverie.metadata) ----------------------------------------
 
     safety_checker = None  # a reverie.safety.SafetyFilter or None; from_pretrained sets it
     source = None  # the path the model was opened from: its hash goes into image metadata
 
-    def _guard_previews(self, callback, prompts: list[str]):
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """(B, C, h, w) latents in the network's space -> (B, 3, H, W) images in [-1, 1] (VAE scale and shift)."""
+        with self._on_device(self.vae) as vae, torch.inference_mode():
+            return vae.decode(latents.to(self.device, self.vae_dtype) / vae.scaling_factor + vae.shift_factor)
+
+    def _guard_previews(self, callback, prompts: list):
         """The step callback, seeing latents only through the safety filter (reverie.safety.CheckedStep)."""
         if self.safety_checker is None or callback is None:
             return callback
-
-        def decode(latents):
-            with self._on_device(self.vae) as vae, torch.inference_mode():
-                return to_pil(vae.decode(latents.to(self.device, self.vae_dtype) / vae.scaling_factor
-                                         + vae.shift_factor))
-
-        return self.safety_checker.guard(callback, decode, prompts)
+        return self.safety_checker.guard(callback, lambda latents: to_pil(self.decode_latents(latents)),
+                                         [str(p) for p in prompts])
 
     def _checked(self, result: GenerationResult, seed) -> GenerationResult:
         """Replace flagged images (and zero their latents: they would decode to them); record the flags, how
@@ -190,7 +234,7 @@ class Pipeline:
 
         nsfw = [False] * len(result.images)
         if self.safety_checker is not None:
-            result.images, nsfw = self.safety_checker(result.images, result.params["prompt"])
+            result.images, nsfw = self.safety_checker(result.images, [str(p) for p in result.params["prompt"]])
             keep = torch.tensor([not f for f in nsfw], dtype=result.latents.dtype)
             result.latents = result.latents * keep.reshape(-1, *[1] * (result.latents.ndim - 1))
         result.nsfw = nsfw
@@ -214,19 +258,15 @@ class Pipeline:
         return torch.Generator("cpu").manual_seed(seed), [seed] * batch
 
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None, clip_skip=None):
-        """Text embeddings for the prompts and (if given) the negatives, encoded in one batch so long prompts
-        and their negatives get the same number of 77-token chunks."""
-        with self._on_device(self.text_encoder):
-            embeds = self.text_encoder.encode(prompts + (negatives or []), clip_skip=clip_skip)
-        embeds = embeds.to(self.device, self.dtype)
-        return (embeds[: len(prompts)], embeds[len(prompts):]) if negatives else (embeds, None)
+        """The family's conditioning for prompts and (if given) negatives: (cond, uncond) keyword tensors."""
+        return self.family.encode(self, prompts, negatives, {"clip_skip": clip_skip})
 
     # --- img2img, inpainting, outpainting (the logic lives in reverie.edit) ---------------------------------
 
     @property
     def inpaint_network(self) -> bool:
-        """Whether the UNet also takes a mask and masked-image latents (SD inpainting: 4 + 1 + 4 channels)."""
-        return self.unet.config.in_channels != self.vae.config.latent_channels
+        """Whether the network also takes a mask and masked-image latents (SD inpainting: 4 + 1 + 4 channels)."""
+        return self.family.inpaint_network(self)
 
     def encode_images(self, images: Tensor, generator=None) -> Tensor:
         """(B, 3, H, W) images in [-1, 1] -> float32 latents on the device: a sample of q(z | x) drawn from
@@ -249,19 +289,19 @@ class Pipeline:
             size = (height or self.default_size, width or self.default_size)
             image, mask_image, strength = torch.zeros(1, 3, *size), torch.ones(1, 1, *size), 1.0
         return edit.prepare(image, mask_image, strength=strength, width=width, height=height,
-                            multiple=self.downsample_factor, default_size=self.default_size, count=prompts,
+                            multiple=self.size_multiple, default_size=self.default_size, count=prompts,
                             repeats=num_images, **options)
 
-    def _start(self, source, sigmas: Tensor, family: str, generator, latents, shape) -> edit.EditPlan:
+    def _start(self, sampling, source, sigmas: Tensor, choice, generator, latents, shape) -> edit.EditPlan:
         """Where sampling starts: noise at the first sigma (txt2img; `latents` is that noise), or the noised
         image on the tail of the schedule (reverie.edit.plan_edit; `latents` is the noise added)."""
         if latents is not None and tuple(latents.shape) != shape:
             raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}")
-        noise_scale = self.schedule.initial_noise_scale(sigmas[0].item(), family)
+        noise_scale = sampling.noise_scale(sigmas[0].item(), choice)
         if source is not None:
             return edit.plan_edit(source, sigmas, encode=self.encode_images, generator=generator, shape=shape,
                                   device=self.device, noise=latents, inpaint_network=self.inpaint_network,
-                                  noise_scale=noise_scale)
+                                  noise_scale=noise_scale, tail=sampling.tail, add_noise=sampling.add_noise)
         if latents is None:
             latents = randn(shape, generator, torch.device("cpu"), torch.float32)
         return edit.EditPlan(sigmas, latents.to(self.device, torch.float32) * noise_scale, {})
@@ -270,103 +310,156 @@ class Pipeline:
                  **kwargs) -> GenerationResult:
         """Extend the canvas by these many pixels on each side and paint the new border: inpainting of
         reverie.edit.outpaint's canvas and mask. Other arguments as __call__ (mask_blur, fill, strength, ...)."""
-        canvas, mask = edit.outpaint(image, left, right, top, bottom, multiple=self.downsample_factor)
+        canvas, mask = edit.outpaint(image, left, right, top, bottom, multiple=self.size_multiple)
         return self(prompt, image=canvas, mask_image=mask, **kwargs)
 
-    def __call__(self, prompt, negative_prompt=None, steps: int = 30, guidance_scale: float = 7.5,
-                 sampler: str = "dpmpp_2m", width: int | None = None, height: int | None = None, seed=None, num_images: int = 1,
-                 latents: Tensor | None = None, *, scheduler: str | None = None, guidance_rescale: float = 0.0,
-                 clip_skip: int | None = None, callback=None, progress: bool = True,
+    def _negatives(self, negative_prompt, use_cfg: bool, batch: int, num_images: int) -> list | None:
+        """One negative prompt per image (None without CFG); a family without negatives refuses one."""
+        if not self.family.negative_prompt:
+            if negative_prompt is not None:
+                raise ValueError(f"negative_prompt: a {self.family.name} model cannot use one "
+                                 f"({self.family.no_negative_reason})")
+            return None
+        if not use_cfg:
+            if negative_prompt is not None and self.family.name in ("flux",):
+                warnings.warn("negative_prompt is ignored without true_cfg_scale > 1 (FLUX's distilled guidance)")
+            return None
+        negatives = _as_prompts("negative_prompt", negative_prompt if negative_prompt is not None else "")
+        if len(negatives) == 1:
+            return negatives * batch
+        if len(negatives) * num_images == batch:
+            return [n for n in negatives for _ in range(num_images)]
+        raise ValueError(f"negative_prompt: give one, or one per prompt ({batch // num_images}); got {len(negatives)}")
+
+    def _size(self, width, height, source) -> tuple[int, int]:
+        if source is not None:  # img2img / inpainting: the processing size (the image's by default)
+            width, height = source.width, source.height
+        width = self.default_size if width is None else width
+        height = self.default_size if height is None else height
+        factor = self.size_multiple
+        for name, value in (("width", width), ("height", height)):
+            _check_int(name, value, factor)
+            if value % factor:
+                raise ValueError(f"{name} must be a multiple of {factor} for this {self.family.name} model "
+                                 f"(VAE factor {self.downsample_factor} x patch size); got {value}")
+        return width, height
+
+    def _sampling(self, shift):
+        """How this call samples: the model's schedule, or a flow schedule with another shift."""
+        if shift is None:
+            return self.sampling
+        if self.sampling.kind != "flow":
+            raise ValueError(f"shift: only flow-matching models (SD3, FLUX) have a schedule shift; this is a "
+                             f"{self.family.name} model")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a finite number > 0; got {shift!r}")
+        return sampling_for(dataclasses.replace(self.schedule, shift=float(shift)))
+
+    def _sampler(self, sampler: str | None, scheduler: str | None):
+        """The SamplerChoice for a name; None: the scheduler the model's folder names, with its flags."""
+        if sampler is not None:
+            return resolve(sampler, scheduler)
+        config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
+        choice = resolve(self.scheduler_config.get("_class_name", "DDIMScheduler"), **config)
+        if scheduler is None:
+            return choice
+        return dataclasses.replace(choice, schedule=resolve(choice.name, scheduler).schedule)
+
+    def __call__(self, prompt, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
+                 sampler: str | None = None, width: int | None = None, height: int | None = None, seed=None,
+                 num_images: int = 1, latents: Tensor | None = None, *, scheduler: str | None = None,
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, callback=None, progress: bool = True,
                  controlnet=None, control_image=None, controlnet_conditioning_scale=1.0,
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
                  image=None, strength: float | None = None, mask_image=None, mask_blur: float = 4,
-                 inpaint_only_masked: bool = False, inpaint_padding: int = 32, fill="original") -> GenerationResult:
-        """Generate images. `sampler` is any name reverie.samplers.resolve accepts ("DPM++ 2M Karras",
-        "euler", "DDIMScheduler", ...); `scheduler` an optional schedule type ("karras", "exponential").
-        seed: int (one generator for the batch, like diffusers) or a list with one seed per image. width and
-        height default to the model's native size (UNet sample_size x VAE factor: 512 for SD 1.x).
+                 inpaint_only_masked: bool = False, inpaint_padding: int = 32, fill="original",
+                 shift: float | None = None, **options) -> GenerationResult:
+        """Generate images. `prompt` is a string or a list (DiT: class ids or label names). steps,
+        guidance_scale and sampler default to the family's (SD: 30, 7.5, "dpmpp_2m"; see each family).
+        `sampler` is any name reverie.samplers.resolve accepts ("DPM++ 2M Karras", "euler",
+        "DDIMScheduler", ...); `scheduler` an optional schedule type ("karras", "exponential"; flow models
+        also "simple", "normal", "sgm_uniform", "beta"). seed: int (one generator for the batch, like
+        diffusers) or a list with one seed per image. width and height default to the model's native size.
 
-        ControlNet (diffusers' names; see reverie.control.prepare): controlnet (a ControlNet, a folder, or a
-        list), control_image (then the default size is its size), controlnet_conditioning_scale,
+        ControlNet (SD; diffusers' names; see reverie.control.prepare): controlnet (a ControlNet, a folder, or
+        a list), control_image (then the default size is its size), controlnet_conditioning_scale,
         control_guidance_start / _end (fractions of the steps), guess_mode.
 
         img2img and inpainting (see reverie.edit.prepare): image (PIL, path, list with one per prompt, or
         (B, 3, H, W) in [-1, 1]; then the default size is its size), strength (the fraction of the steps run
         from the noised image: 0.75 by default, 1 with a mask), mask_image (white = repaint), mask_blur
         (pixels), inpaint_only_masked with inpaint_padding (pixels), fill ("original", "fill", "latent noise",
-        "latent nothing")."""
-        prompts = _as_prompts("prompt", prompt)
+        "latent nothing").
+
+        shift (flow models): the schedule's shift for this call (ComfyUI's ModelSamplingSD3), instead of the
+        model's. Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
+        skip_layer_guidance_scale / _start / _stop; FLUX max_sequence_length, prompt_2, true_cfg_scale."""
+        family = self.family
+        options = family.check_options(options)
+        if clip_skip is not None:
+            options["clip_skip"] = family.check_clip_skip(clip_skip)
+        defaults = family.settings(self)
+        steps = defaults["steps"] if steps is None else steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        sampler = defaults["sampler"] if sampler is None else sampler
+        prompts = family.prompts(self, prompt)
         steps = _check_int("steps", steps, 1, self.schedule.num_train_timesteps)
         num_images = _check_int("num_images", num_images, 1)
-        factor = self.downsample_factor
-        width, height = control.default_size(control_image, width, height, factor)
+        if controlnet is not None and not family.controlnet:
+            raise ValueError(f"controlnet: ControlNet is not available for {family.name} models (only SD 1/2)")
+        width, height = control.default_size(control_image, width, height, self.size_multiple)
         source = self._edit_source(image, mask_image, strength, width, height, len(prompts), num_images,
                                    mask_blur=mask_blur, only_masked=inpaint_only_masked, padding=inpaint_padding,
                                    fill=fill)
-        if source is not None:  # img2img / inpainting: the processing size (the image's by default)
-            width, height = source.width, source.height
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
-        for name, value in (("width", width), ("height", height)):
-            _check_int(name, value, factor)
-            if value % factor:
-                raise ValueError(f"{name} must be a multiple of {factor}; got {value}")
-        use_cfg, cfg_scale = _guidance(guidance_scale, len(prompts), num_images)
-        choice = resolve(sampler, scheduler)
-        if choice.family == "flow":
-            raise ValueError(f"sampler {sampler!r} is for flow-matching models; this model is a DDPM model")
+        width, height = self._size(width, height, source)
+        use_cfg, cfg_scale = family.guidance(guidance_scale, negative_prompt is not None, options, len(prompts),
+                                             num_images)
+        choice = family.sampler_choice(self._sampler(sampler, scheduler))
+        sampling = self._sampling(shift)
+        sampling.check(choice, sampler)
 
         prompts = [p for p in prompts for _ in range(num_images)]
         batch = len(prompts)
-        negatives = None
-        if use_cfg:
-            negatives = _as_prompts("negative_prompt", negative_prompt if negative_prompt is not None else "")
-            if len(negatives) == 1:
-                negatives = negatives * batch
-            elif len(negatives) * num_images == batch:
-                negatives = [n for n in negatives for _ in range(num_images)]
-            else:
-                raise ValueError(f"negative_prompt: give one, or one per prompt ({batch // num_images}); "
-                                 f"got {len(negatives)}")
-        cond, uncond = self.encode_prompts(prompts, negatives, clip_skip)
+        negatives = self._negatives(negative_prompt, use_cfg, batch, num_images)
+        cond, uncond = family.encode(self, prompts, negatives, options | {"use_cfg": use_cfg})
 
         # the sampling plan: this model's schedule, spaced the way the chosen sampler's family spaces it
-        sigmas = self.schedule.sampling_sigmas(steps, choice.schedule, choice.family)
-        mapping = self.schedule.timestep_mapping(choice.schedule, choice.family)
+        factor = self.downsample_factor
+        shape = (batch, family.latent_channels(self), height // factor, width // factor)
+        mu = family.mu(self, shape)
+        sigmas = sampling.sigmas(steps, choice, mu=mu)
         generator, seeds = self._generators(seed, batch)
-        shape = (batch, self.vae.config.latent_channels, height // factor, width // factor)
-        plan = self._start(source, sigmas, choice.family, generator, latents, shape)  # txt2img, img2img, inpainting
+        plan = self._start(sampling, source, sigmas, choice, generator, latents, shape)  # txt2img, img2img, inpainting
         sigmas, x = plan.sigmas, plan.x
         controls = control.prepare(controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
                                    control_guidance_end, prompts=batch // num_images, images_per_prompt=num_images,
                                    width=width, height=height, device=self.device, dtype=self.dtype,
-                                   offload=self.offload)
+                                   offload=self.offload) if family.controlnet else []
+        mapping = sampling.timestep_mapping(choice) if controls else None
 
-        with self._on_device(self.unet) as unet, control.attach(self, unet, controls, sigmas, mapping,
-                                                                guess_mode) as unet:
-            def net(x_t, t, encoder_hidden_states):  # sampling runs in float32; the network in self.dtype
-                return unet(x_t.to(self.dtype), t, encoder_hidden_states).float()
-
-            denoiser = DiscreteDenoiser(plan.network(net), self.schedule, timestep_mapping=mapping)
-            guided = CFGDenoiser(denoiser, {"encoder_hidden_states": cond, **plan.cond},
-                                 {"encoder_hidden_states": uncond, **plan.cond} if use_cfg else None,
+        with self._on_device(self.network) as network, control.attach(self, network, controls, sigmas, mapping,
+                                                                      guess_mode) as network:
+            net = family.network_call(self, network, shape, options)
+            denoiser = sampling.denoiser(plan.network(net), choice, steps=steps, mu=mu)
+            guided = CFGDenoiser(denoiser, {**cond, **plan.cond}, {**uncond, **plan.cond} if use_cfg else None,
                                  scale=cfg_scale, rescale=guidance_rescale)
+            guided = family.guide(self, guided, denoiser, {**cond, **plan.cond}, sigmas, use_cfg, options)
             guided = plan.denoiser(guided)  # inpainting: keeps the known region
             with torch.inference_mode(), ProgressBar(len(sigmas) - 1, "sampling",
                                                      self._guard_previews(callback, prompts),
                                                      disable=not progress) as bar:
                 if len(sigmas) > 1:  # img2img at strength 0 has nothing to denoise
-                    x = choice(guided, x, sigmas, generator=generator, callback=bar)
-        if sigmas[-1] > 0:  # DDIM without set_alpha_to_one ends on a noisy level: decode it as diffusers does
-            x = x / (1 + sigmas[-1].item() ** 2) ** 0.5
-        x = plan.finish(x)  # inpainting: exactly the image's latents outside the mask
+                    x = sampling.run(choice, guided, x, sigmas, generator=generator, callback=bar)
+        x = plan.finish(sampling.finish(x, sigmas))  # inpainting: exactly the image's latents outside the mask
 
-        with self._on_device(self.vae) as vae, torch.inference_mode():
-            images = plan.paste(vae.decode(x.to(self.vae_dtype) / vae.scaling_factor + vae.shift_factor))
+        images = plan.paste(self.decode_latents(x))
         params = dict(prompt=prompts, negative_prompt=negatives, steps=steps, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, sampler=choice.name, schedule=choice.schedule,
                       sampler_options=choice.options, width=width, height=height, seeds=seeds,
                       clip_skip=clip_skip, model=self.name)
+        params |= family.describe(self, options, sigmas=sigmas)
+        if shift is not None:
+            params["shift"] = float(shift)
         params |= control.describe(controls, guess_mode)
         params |= plan.params
         return self._checked(GenerationResult(to_pil(images), x.cpu(), params), seed)

@@ -29,11 +29,19 @@ class StepInfo(NamedTuple):
     denoised: Tensor  # the denoiser's estimate of x0 at (x, sigma)
 
 
-def register(name: str, family: str = "k"):
+# The sigma family a sampler gets on a flow model (reverie.flow.FlowSchedule.sampling_sigmas), by its VP family;
+# None: the sampler is for DDPM models only.
+_FLOW_FAMILIES = {"k": "k", "multistep": "multistep", "flow": "flow", "ddim": None, "ddpm": None}
+_FROM_FAMILY = "from family"
+
+
+def register(name: str, family: str = "k", flow_family: str | None = _FROM_FAMILY):
     """Add a sampler to SAMPLERS, checking its common arguments.
 
     `family` names the diffusers scheduler family whose timestep spacing this sampler reproduces
-    ("k": Euler/Heun/LMS; "multistep": DPM-Solver++/UniPC; "ddim": DDIM; "ddpm": DDPM)."""
+    ("k": Euler/Heun/LMS; "multistep": DPM-Solver++/UniPC; "ddim": DDIM; "ddpm": DDPM; "flow": the
+    FlowMatch schedulers). `flow_family` is the same on flow models (reverie.flow): by default derived from
+    `family`, None where the sampler cannot run on one; UniPC's differs from DPM-Solver's there."""
 
     def wrap(fn):
         @functools.wraps(fn)
@@ -42,6 +50,7 @@ def register(name: str, family: str = "k"):
             return fn(denoiser, x, sigmas.to(x.device), generator=generator, callback=callback, **options)
 
         checked.family = family
+        checked.flow_family = _FLOW_FAMILIES[family] if flow_family == _FROM_FAMILY else flow_family
         SAMPLERS[name] = checked
         return checked
 
@@ -309,7 +318,7 @@ def _unipc_update(x, sigma_s, sigma_t, history, order, variant="bh2", model_t=No
     return x_t - b_h * (corr + float(rhos[-1]) * (model_t - m0))
 
 
-@register("unipc", family="multistep")
+@register("unipc", family="multistep", flow_family="unipc")
 def unipc(denoiser, x, sigmas, *, generator=None, callback=None, order=2, variant="bh2", corrector=True):
     """UniPC (Zhao et al. 2023): multistep predictor UniP plus corrector UniC that reuses the next model
     evaluation, so the corrector costs nothing; lower order at the start and the end (as diffusers)."""
@@ -330,14 +339,42 @@ def unipc(denoiser, x, sigmas, *, generator=None, callback=None, order=2, varian
     return x
 
 
-@register("euler_flow", family="flow")
-def euler_flow(denoiser, x, sigmas, *, generator=None, callback=None):
-    """Euler on a rectified-flow ODE, x = (1 - sigma) x0 + sigma eps (Liu et al. 2023; SD3): the
-    denoiser is in the flow convention (reverie.denoisers.FlowDenoiser) and sigmas run from 1 to 0."""
+def _check_flow_times(name, sigmas):
     if sigmas[0] > 1:
-        raise ValueError(f"sigmas for euler_flow are flow times in [0, 1]; got sigmas[0]={sigmas[0].item()}")
+        raise ValueError(f"sigmas for {name} are flow times in [0, 1]; got sigmas[0]={sigmas[0].item()}")
+
+
+@register("euler_flow", family="flow")
+def euler_flow(denoiser, x, sigmas, *, generator=None, callback=None, stochastic=False):
+    """Euler on a rectified-flow ODE, x = (1 - sigma) x0 + sigma eps (Liu et al. 2023; SD3): the
+    denoiser is in the flow convention (reverie.denoisers.FlowDenoiser) and sigmas run from 1 to 0.
+
+    stochastic: diffusers' `stochastic_sampling`: instead of the Euler step, put the x0 estimate back on the
+    noising path at sigma_next with fresh noise, (1 - sigma_next) x0 + sigma_next eps (drawn at every step)."""
+    _check_flow_times("euler_flow", sigmas)
     for i in range(len(sigmas) - 1):
         sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
-        velocity = (x - denoised) / sigma  # = eps_hat - x0_hat
-        x = x + velocity * (sigma_next - sigma)
+        if stochastic:
+            x = (1 - sigma_next) * denoised + sigma_next * _noise(x, generator)
+        else:
+            velocity = (x - denoised) / sigma  # = eps_hat - x0_hat
+            x = x + velocity * (sigma_next - sigma)
+    return x
+
+
+@register("heun_flow", family="flow")
+def heun_flow(denoiser, x, sigmas, *, generator=None, callback=None):
+    """Heun's method on the rectified-flow ODE (Karras et al. 2022, Algorithm 1, in flow time): average the
+    velocities at both ends of an Euler step; the last step, to sigma 0, is Euler. The trajectory of
+    diffusers' FlowMatchHeunDiscreteScheduler, whose repeated timesteps are the second evaluations here."""
+    _check_flow_times("heun_flow", sigmas)
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next, denoised = _evaluate(denoiser, x, sigmas, i, callback)
+        velocity = (x - denoised) / sigma
+        x_euler = x + velocity * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            velocity_next = (x_euler - denoiser(x_euler, _s(x, sigma_next))) / sigma_next
+            x = x + (velocity + velocity_next) / 2 * (sigma_next - sigma)
     return x

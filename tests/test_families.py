@@ -1,0 +1,202 @@
+"""DiT, SD3 and FLUX through reverie's one pipeline, image for image against diffusers' own pipelines on tiny random
+models that diffusers builds and saves (tests/tiny_families.py): same seed, same images (mean absolute pixel
+difference <= 0.02 on 0..255), for several samplers, negatives, guidance variants and img2img; saved folders open
+in diffusers; bad input gets a ValueError naming the field."""
+
+import numpy as np
+import pytest
+import torch
+
+from reverie import Pipeline
+
+from tiny_families import dit_folder, flux_folder, sd3_folder
+
+diffusers = pytest.importorskip("diffusers")
+
+PROMPTS = ["A painting of a squirrel eating a burger", "a red circle above a blue square"]
+
+
+def pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def theirs_pixels(out) -> np.ndarray:
+    return (np.asarray(out.images, dtype=np.float64) * 255).round()
+
+
+def assert_same_images(ours, theirs, tol=0.02):
+    assert ours.shape == theirs.shape
+    diff = np.abs(ours - theirs).mean()
+    assert diff <= tol, f"mean abs pixel difference {diff:.4f} > {tol}"
+    assert ours.std() > 1  # the images are not flat: the comparison means something
+
+
+def gen(seed=0):
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+# --- DiT -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    path = dit_folder(tmp_path_factory.mktemp("dit"))
+    theirs = diffusers.DiTPipeline.from_pretrained(path)
+    theirs.set_progress_bar_config(disable=True)
+    return theirs, Pipeline.from_pretrained(path), path
+
+
+@pytest.mark.parametrize("sampler,cls", [("ddim", "DDIMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler")])
+def test_dit_matches_diffusers(dit, sampler, cls):
+    theirs, ours, _ = dit
+    # as the real DiT folders (diffusers' conversion script); the tiny test's DDIMScheduler() clips x0
+    theirs.scheduler = getattr(diffusers, cls).from_config(theirs.scheduler.config, clip_sample=False)
+    expected = theirs_pixels(theirs(class_labels=[1, 7], num_inference_steps=4, guidance_scale=4.0,
+                                    generator=gen(0), output_type="np"))
+    result = ours([1, 7], steps=4, guidance_scale=4.0, sampler=sampler, seed=0, progress=False)
+    assert_same_images(pixels(result.images), expected)
+    assert result.params["family"] == "dit"
+
+
+def test_dit_refuses_bad_labels_and_negatives(dit):
+    _, ours, _ = dit
+    with pytest.raises(ValueError, match="prompt"):
+        ours([1000], steps=1, progress=False)
+    with pytest.raises(ValueError, match="prompt"):
+        ours(["no such class"], steps=1, progress=False)
+    with pytest.raises(ValueError, match="negative_prompt"):
+        ours([1], negative_prompt="blurry", steps=1, sampler="ddim", progress=False)
+    with pytest.raises(ValueError, match="flow"):
+        ours([1], steps=1, sampler="euler_flow", progress=False)
+
+
+# --- SD3 -----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sd3", "sd35"])
+def sd3(request, tmp_path_factory):
+    path = sd3_folder(tmp_path_factory.mktemp("sd3"), sd35=request.param)
+    theirs = diffusers.StableDiffusion3Pipeline.from_pretrained(path)
+    theirs.set_progress_bar_config(disable=True)
+    return theirs, Pipeline.from_pretrained(path), path
+
+
+SD3_SAMPLERS = {"euler_flow": ("FlowMatchEulerDiscreteScheduler", {}),
+                "dpmpp_2m": ("DPMSolverMultistepScheduler", dict(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                                 flow_shift=3.0))}
+
+
+@pytest.mark.parametrize("sampler", list(SD3_SAMPLERS))
+@pytest.mark.parametrize("negative", [None, "bad quality"])
+def test_sd3_matches_diffusers(sd3, sampler, negative):
+    theirs, ours, _ = sd3
+    cls, flags = SD3_SAMPLERS[sampler]
+    theirs.scheduler = getattr(diffusers, cls).from_config(theirs.scheduler.config, **flags)
+    expected = theirs_pixels(theirs(PROMPTS, negative_prompt=negative, num_inference_steps=3, guidance_scale=5.0,
+                                    generator=gen(0), height=32, width=32, output_type="np"))
+    kwargs = {"sampler": "DPMSolverMultistepScheduler", "shift": 3.0} if sampler == "dpmpp_2m" else {}
+    result = ours(PROMPTS, negative_prompt=negative, steps=3, guidance_scale=5.0, seed=0, width=32, height=32,
+                  progress=False, **kwargs)
+    assert_same_images(pixels(result.images), expected)
+    assert result.params["family"] == "sd3"
+
+
+# --- FLUX ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["dev", "schnell"])
+def flux(request, tmp_path_factory):
+    path = flux_folder(tmp_path_factory.mktemp("flux"), dev=request.param)
+    theirs = diffusers.FluxPipeline.from_pretrained(path)
+    theirs.set_progress_bar_config(disable=True)
+    return theirs, Pipeline.from_pretrained(path), path
+
+
+@pytest.mark.parametrize("size", [(8, 8), (16, 8)])
+def test_flux_matches_diffusers(flux, size):
+    theirs, ours, _ = flux
+    width, height = size
+    dev = ours.transformer.config.guidance_embeds
+    guidance = 5.0 if dev else 0.0
+    expected = theirs_pixels(theirs(PROMPTS, num_inference_steps=3, guidance_scale=guidance, generator=gen(0),
+                                    height=height, width=width, max_sequence_length=48, output_type="np"))
+    result = ours(PROMPTS, steps=3, guidance_scale=guidance, seed=0, width=width, height=height,
+                  max_sequence_length=48, progress=False)
+    assert_same_images(pixels(result.images), expected)
+    assert result.params["family"] == "flux" and result.params["variant"] == ("dev" if dev else "schnell")
+
+
+def test_flux_true_cfg_with_a_negative_prompt(flux):
+    theirs, ours, _ = flux
+    expected = theirs_pixels(theirs(PROMPTS, negative_prompt="bad quality", true_cfg_scale=2.0, num_inference_steps=2,
+                                    guidance_scale=3.5, generator=gen(1), height=8, width=8, max_sequence_length=48,
+                                    output_type="np"))
+    result = ours(PROMPTS, negative_prompt="bad quality", true_cfg_scale=2.0, steps=2, guidance_scale=3.5, seed=1,
+                  width=8, height=8, max_sequence_length=48, progress=False)
+    assert_same_images(pixels(result.images), expected)
+
+
+def test_flux_refuses_bad_sizes_and_samplers(flux):
+    _, ours, _ = flux
+    with pytest.raises(ValueError, match="width"):
+        ours("a cat", width=9, height=8, steps=1, progress=False)
+    with pytest.raises(ValueError, match="sampler"):
+        ours("a cat", width=8, height=8, steps=1, sampler="ddim", progress=False)
+    with pytest.raises(ValueError, match="clip_skip"):
+        ours("a cat", width=8, height=8, steps=1, clip_skip=1, progress=False)
+    with pytest.raises(ValueError, match="max_sequence_length"):
+        ours("a cat", width=8, height=8, steps=1, max_sequence_length=513, progress=False)
+
+
+# --- img2img on flow models ----------------------------------------------------------------------------------
+
+
+def source_image(size, seed=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    return Image.fromarray((0.6 * ramp + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype("uint8"))
+
+
+@pytest.mark.parametrize("strength", [0.6, 1.0])
+def test_sd3_img2img_matches_diffusers(sd3, strength):
+    theirs, ours, _ = sd3
+    i2i = diffusers.StableDiffusion3Img2ImgPipeline(**theirs.components)
+    i2i.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    i2i.set_progress_bar_config(disable=True)
+    image = source_image((32, 32))
+    expected = theirs_pixels(i2i(PROMPTS[:1], image=image, strength=strength, num_inference_steps=5, guidance_scale=5.0,
+                                 generator=gen(2), output_type="np"))
+    result = ours(PROMPTS[:1], image=image, strength=strength, steps=5, guidance_scale=5.0, seed=2, progress=False)
+    assert_same_images(pixels(result.images), expected)
+
+
+def test_flux_img2img_matches_diffusers(flux):
+    theirs, ours, _ = flux
+    i2i = diffusers.FluxImg2ImgPipeline(**theirs.components)
+    i2i.set_progress_bar_config(disable=True)
+    image = source_image((16, 8))
+    guidance = 3.5 if ours.transformer.config.guidance_embeds else 0.0
+    expected = theirs_pixels(i2i(PROMPTS[:1], image=image, strength=0.7, num_inference_steps=5, guidance_scale=guidance,
+                                 generator=gen(4), height=8, width=16, max_sequence_length=48, output_type="np"))
+    result = ours(PROMPTS[:1], image=image, strength=0.7, steps=5, guidance_scale=guidance, seed=4,
+                  max_sequence_length=48, progress=False)
+    assert_same_images(pixels(result.images), expected)
+
+
+def test_flow_inpainting_keeps_the_known_region(sd3):
+    _, ours, _ = sd3
+    image = source_image((32, 32))
+    mask = np.zeros((32, 32), dtype="uint8")
+    mask[8:24, 8:24] = 255
+    from PIL import Image
+
+    result = ours(PROMPTS[0], image=image, mask_image=Image.fromarray(mask), steps=4, guidance_scale=5.0, seed=0,
+                  mask_blur=0, progress=False)
+    out, src = pixels(result.images)[0], np.asarray(image, dtype=np.float64)
+    keep = np.ones((32, 32), bool)
+    keep[6:26, 6:26] = False  # away from the mask edge
+    assert np.abs(out[keep] - src[keep]).max() == 0  # pasted back exactly
+    assert np.abs(out[12:20, 12:20] - src[12:20, 12:20]).mean() > 5  # the hole was repainted
