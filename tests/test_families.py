@@ -200,3 +200,56 @@ def test_flow_inpainting_keeps_the_known_region(sd3):
     keep[6:26, 6:26] = False  # away from the mask edge
     assert np.abs(out[keep] - src[keep]).max() == 0  # pasted back exactly
     assert np.abs(out[12:20, 12:20] - src[12:20, 12:20]).mean() > 5  # the hole was repainted
+
+
+# --- SD3 options, saving, bad input ----------------------------------------------------------------------------
+
+
+def test_sd3_skip_layer_guidance_matches_diffusers(sd3):
+    theirs, ours, _ = sd3
+    theirs.scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(theirs.scheduler.config)
+    kwargs = dict(skip_guidance_layers=[0], skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
+                  skip_layer_guidance_stop=0.6)
+    expected = theirs_pixels(theirs(PROMPTS[:1], num_inference_steps=6, guidance_scale=5.0, generator=gen(5), height=32,
+                                    width=32, output_type="np", **kwargs))
+    result = ours(PROMPTS[:1], steps=6, guidance_scale=5.0, seed=5, width=32, height=32, progress=False, **kwargs)
+    assert_same_images(pixels(result.images), expected)
+    plain = ours(PROMPTS[:1], steps=6, guidance_scale=5.0, seed=5, width=32, height=32, progress=False)
+    assert np.abs(pixels(plain.images) - pixels(result.images)).mean() > 0.5  # the guidance did something
+    with pytest.raises(ValueError, match="skip_guidance_layers"):
+        ours(PROMPTS[:1], steps=2, seed=5, width=32, height=32, skip_guidance_layers=[5], progress=False)
+
+
+def test_sd3_long_t5_prompt_is_truncated_with_a_warning(sd3):
+    _, ours, _ = sd3
+    with pytest.warns(UserWarning, match="max_sequence_length"):
+        ours("a red circle " * 20, steps=1, seed=0, width=32, height=32, max_sequence_length=8, progress=False)
+
+
+def test_unknown_family_options_are_refused(sd3, dit):
+    with pytest.raises(ValueError, match="true_cfg_scale"):
+        sd3[1]("a cat", steps=1, width=32, height=32, true_cfg_scale=2.0, progress=False)
+    with pytest.raises(ValueError, match="shift"):
+        dit[1]([1], steps=1, sampler="ddim", shift=3.0, progress=False)
+    with pytest.raises(ValueError, match="controlnet"):
+        sd3[1]("a cat", steps=1, width=32, height=32, controlnet="shapes-segmentation", progress=False)
+
+
+@pytest.mark.parametrize("which", ["dit", "sd3", "flux"])
+def test_saved_folders_open_in_diffusers(which, dit, sd3, flux, tmp_path):
+    theirs, ours, _ = {"dit": dit, "sd3": sd3, "flux": flux}[which]
+    ours.save_pretrained(tmp_path / which)
+    cls = type(theirs)
+    reloaded = cls.from_pretrained(tmp_path / which)
+    for name, module in theirs.components.items():
+        if isinstance(module, torch.nn.Module):
+            mine = reloaded.components[name].state_dict()
+            assert mine.keys() == module.state_dict().keys(), name
+            assert all(torch.equal(mine[k], v) for k, v in module.state_dict().items()), name
+    again = Pipeline.from_pretrained(tmp_path / which)
+    assert again.family.name == ours.family.name
+    prompt = [3] if which == "dit" else "a cat"
+    size = dict(width=8, height=8) if which == "flux" else {}
+    a = ours(prompt, steps=2, seed=0, progress=False, **({"sampler": "ddim"} if which == "dit" else {}), **size)
+    b = again(prompt, steps=2, seed=0, progress=False, **({"sampler": "ddim"} if which == "dit" else {}), **size)
+    assert np.array_equal(pixels(a.images), pixels(b.images))
