@@ -253,3 +253,18 @@ def test_saved_folders_open_in_diffusers(which, dit, sd3, flux, tmp_path):
     a = ours(prompt, steps=2, seed=0, progress=False, **({"sampler": "ddim"} if which == "dit" else {}), **size)
     b = again(prompt, steps=2, seed=0, progress=False, **({"sampler": "ddim"} if which == "dit" else {}), **size)
     assert np.array_equal(pixels(a.images), pixels(b.images))
+
+
+@pytest.mark.parametrize("which", ["dit", "sd3"])
+def test_vae_option_replaces_the_folders_vae(which, dit, sd3, tmp_path):
+    from reverie.loading import save_network
+
+    _, ours, path = {"dit": dit, "sd3": sd3}[which]
+    other = Pipeline.from_pretrained(path).vae
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.01)
+    save_network(other, tmp_path / "vae")
+    pipe = Pipeline.from_pretrained(path, vae=tmp_path / "vae")
+    assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), other.state_dict().values()))
+    assert not torch.equal(next(pipe.vae.parameters()), next(ours.vae.parameters()))

@@ -232,9 +232,9 @@ def load_text_encoder(text_encoder_dir: Path, tokenizer_dir: Path):
 
 
 def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, ...], *, variant=None,
-                            allow_pickle: bool = False, **_):
+                            allow_pickle: bool = False, vae=None, **_):
     """(components, scheduler config) of an SD3 or FLUX diffusers folder. A text encoder that model_index.json
-    lists as [null, null] (SD3 without T5) is None."""
+    lists as [null, null] (SD3 without T5) is None. vae: a VAE file or folder to use instead of the folder's."""
     index = read_model_index(path)
     components = {"transformer": load_network(network_cls, path / "transformer", variant=variant,
                                               allow_pickle=allow_pickle),
@@ -243,6 +243,10 @@ def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, .
         spec = index.get(name)
         present = isinstance(spec, list) and spec[-1] is not None and (path / name).is_dir()
         components[name] = load_text_encoder(path / name, _tokenizer_dir(path, name)) if present else None
+    if vae is not None:
+        from .single_files import replace_vae
+
+        components = replace_vae(components, vae, allow_pickle=allow_pickle, variant=variant)
     return components, read_json(path / "scheduler" / "scheduler_config.json")
 
 

@@ -19,7 +19,7 @@ class DiT(Family):
     no_negative_reason = "its unconditional side is the null class; give class labels as the prompt"
     defaults = dict(steps=50, guidance_scale=4.0, sampler=None)  # diffusers' DiTPipeline; the folder's scheduler
 
-    def load_folder(self, path: Path, *, variant=None, allow_pickle=False, **_):
+    def load_folder(self, path: Path, *, variant=None, allow_pickle=False, vae=None, **_):
         from ..formats import read_model_index
         from ..formats.folder import read_json
         from ..loading import load_network
@@ -29,6 +29,10 @@ class DiT(Family):
         components = dict(transformer=load_network(Network, path / "transformer", variant=variant,
                                                    allow_pickle=allow_pickle),
                           vae=load_network(AutoencoderKL, path / "vae", variant=variant, allow_pickle=allow_pickle))
+        if vae is not None:
+            from ..single_files import replace_vae
+
+            components = replace_vae(components, vae, allow_pickle=allow_pickle, variant=variant)
         components["labels"] = labels_from_id2label(read_model_index(path).get("id2label") or {})
         return components, read_json(path / "scheduler" / "scheduler_config.json")
 

@@ -17,18 +17,19 @@ class SD(Family):
     controlnet = True
     defaults = dict(steps=30, guidance_scale=7.5, sampler="dpmpp_2m")
 
-    def load_folder(self, path: Path, *, allow_pickle=False, tokenizer=None, **_):
+    def load_folder(self, path: Path, *, allow_pickle=False, tokenizer=None, vae=None, **_):
         from ..loading import load_folder
 
-        unet, vae, text_encoder, scheduler_config = load_folder(path, allow_pickle=allow_pickle, tokenizer=tokenizer)
-        return dict(unet=unet, vae=vae, text_encoder=text_encoder), scheduler_config
+        unet, own_vae, text_encoder, scheduler_config = load_folder(path, allow_pickle=allow_pickle,
+                                                                    tokenizer=tokenizer)
+        return _with_vae(dict(unet=unet, vae=own_vae, text_encoder=text_encoder), vae, allow_pickle), scheduler_config
 
-    def load_single_file(self, path: Path, state_dict=None, *, allow_pickle=False, tokenizer=None, **_):
+    def load_single_file(self, path: Path, *, allow_pickle=False, tokenizer=None, vae=None, **_):
         from ..loading import load_single_file
 
-        unet, vae, text_encoder, scheduler_config = load_single_file(path, allow_pickle=allow_pickle,
-                                                                     tokenizer=tokenizer)
-        return dict(unet=unet, vae=vae, text_encoder=text_encoder), scheduler_config
+        unet, own_vae, text_encoder, scheduler_config = load_single_file(path, allow_pickle=allow_pickle,
+                                                                         tokenizer=tokenizer)
+        return _with_vae(dict(unet=unet, vae=own_vae, text_encoder=text_encoder), vae, allow_pickle), scheduler_config
 
     def save_folder(self, pipe, path: Path, dtype=None) -> None:
         from ..loading import save_folder
@@ -50,3 +51,12 @@ class SD(Family):
     def network_call(self, pipe, network, shape, options):
         return _dtype_call(network, pipe.dtype)
 
+
+
+def _with_vae(components: dict, vae, allow_pickle: bool) -> dict:
+    """The components with `vae` (a VAE file or folder, e.g. a fixed fp16 VAE) instead of the model's own."""
+    if vae is None:
+        return components
+    from ..single_files import replace_vae
+
+    return replace_vae(components, vae, allow_pickle=allow_pickle)
