@@ -154,4 +154,4 @@ def test_bad_input(tmp_path, capsys):
         assert f"error: {field}" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
     with pytest.raises(ValueError, match="schedule"):
-        metadata.sampler_label("euler", "beta")
+        metadata.sampler_label("euler", "quadratic")

@@ -5,7 +5,10 @@ Every PNG reverie writes carries two text chunks:
 - `parameters`: A1111's infotext (modules/processing.py create_infotext), which A1111's PNG Info, Civitai and
   other tools read: the prompt, a "Negative prompt: ..." line when there is one, then one line of
   `Key: value` pairs in A1111's order (Steps, Sampler, Schedule type, CFG scale, Seed, Size, Model hash,
-  Model, ..., Version), values with `,` `:` or newlines JSON-quoted;
+  Model, ..., Version), values with `,` `:` or newlines JSON-quoted. Other families as Forge writes them:
+  FLUX dev "CFG scale: 1, Distilled CFG Scale: 3.5" (CFG scale is true CFG, true_cfg_scale; the distilled
+  guidance is reverie's guidance_scale), flow models (SD3, FLUX) "Shift: 3.0" (Forge Neo's key), and
+  reverie's "Family: sd3" (A1111 has none; readers keep unknown keys);
 - `reverie`: JSON of one image's parameters (what GenerationResult.params holds, for that image), plus the
   batch it was generated in, so that generation_kwargs() regenerates exactly the same pixels.
 
@@ -30,7 +33,9 @@ from .samplers import SAMPLERS, SamplerChoice, resolve, valid_names
 PARAMETERS = "parameters"  # A1111's text chunk
 REQUEST = "reverie"  # reverie's JSON chunk
 BATCH_KEYS = ("prompt", "negative_prompt", "seeds", "guidance_scale")  # lists in a batch's params
-SCHEDULE_TYPES = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential"}  # A1111's names
+SCHEDULE_TYPES = {"default": "Uniform", "karras": "Karras", "exponential": "Exponential",  # A1111's names
+                  "simple": "Simple", "sgm_uniform": "SGM Uniform", "beta": "Beta"}  # the last three: flow models
+FLOW_LABELS = {"euler_flow": "Euler", "heun_flow": "Heun"}  # what A1111 / Forge call them on flow models
 _PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')  # `Key: value,` or `Key: "quoted",`
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
 
@@ -57,7 +62,7 @@ def image_params(params: dict, index: int | None = None, *, record_batch: bool =
     image bit for bit takes its whole batch. Leave it off where a batch merges other people's requests."""
     if not isinstance(params, dict) or "prompt" not in params:
         raise ValueError("params must be a dict of generation parameters with a prompt")
-    if isinstance(params["prompt"], str):
+    if not isinstance(params["prompt"], (list, tuple)):  # one image's (DiT: a class id)
         return {k: _jsonable(v) for k, v in params.items()}
     size = len(params["prompt"])
     if index is None:
@@ -100,9 +105,12 @@ def _quote(value) -> str:
 def sampler_label(sampler: str, schedule: str = "default", options: dict | None = None) -> tuple[str, str]:
     """A1111's (Sampler, Schedule type) for a reverie sampler and schedule, from reverie.samplers.names:
     ("DPM++ 2M", "Karras"). "Automatic" where A1111's automatic choice is this schedule, so that
-    resolve(label, schedule_type) gives the sampler back."""
+    resolve(label, schedule_type) gives the sampler back (the flow solvers as "Euler" and "Heun", which run as
+    them on a flow model)."""
     if schedule not in SCHEDULE_TYPES:
         raise ValueError(f"schedule must be one of {', '.join(map(repr, SCHEDULE_TYPES))}; got {schedule!r}")
+    if sampler in FLOW_LABELS and not options:
+        return FLOW_LABELS[sampler], SCHEDULE_TYPES[schedule]
     labels = [name for name in valid_names() if name not in SAMPLERS and "_" not in name]  # A1111's own
     plain = [name for name in labels if (c := resolve(name)).name == sampler and c.schedule == "default"]
     exact = [name for name in plain if resolve(name).options == (options or {})]
@@ -120,9 +128,13 @@ def infotext(params: dict) -> str:
                                                                    p.get("sampler_options"))
     size = f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None
     clip_skip = p.get("clip_skip")
+    if p.get("family") == "flux":  # Forge: CFG scale is true CFG, the distilled guidance has its own key
+        fields |= {"CFG scale": p.get("true_cfg_scale") or 1.0, "Distilled CFG Scale": p.get("distilled_guidance")}
+    else:
+        fields["CFG scale"] = p.get("guidance_scale")
     fields |= {
-        "CFG scale": p.get("guidance_scale"), "Seed": p.get("seed"), "Size": size,
-        "Model hash": p.get("model_hash"), "Model": p.get("model"),
+        "Shift": p.get("shift"), "Seed": p.get("seed"), "Size": size,
+        "Model hash": p.get("model_hash"), "Model": p.get("model"), "Family": p.get("family"),
         "Denoising strength": p.get("strength"),
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer as 1 (reverie.models.text)
         "CFG Rescale": p.get("guidance_rescale") or None,
@@ -178,13 +190,20 @@ def _field(fields: dict, key: str, convert, name: str):
 def request_from_infotext(info) -> dict:
     """reverie's request fields from A1111 infotext (a string or parse_infotext's dict): prompt,
     negative_prompt, steps, guidance_scale, sampler and scheduler (A1111's labels, which resolve() reads), seed,
-    width, height, clip_skip (reverie's count: A1111's minus one), strength, model, model_hash."""
+    width, height, clip_skip (reverie's count: A1111's minus one), strength, model, model_hash, and for flow
+    models shift and family. FLUX images (a "Distilled CFG Scale" or "Family: flux", as Forge writes them):
+    guidance_scale is the distilled guidance, true_cfg_scale the CFG scale when above 1."""
     fields = parse_infotext(info) if isinstance(info, str) else info
     clip = _field(fields, "Clip skip", int, "clip_skip")
+    cfg = _field(fields, "CFG scale", float, "guidance_scale")
+    flux = "Distilled CFG Scale" in fields or fields.get("Family") == "flux"
+    distilled = _field(fields, "Distilled CFG Scale", float, "guidance_scale")
     out = {
         "prompt": fields.get("Prompt", ""), "negative_prompt": fields.get("Negative prompt") or None,
         "steps": _field(fields, "Steps", int, "steps"),
-        "guidance_scale": _field(fields, "CFG scale", float, "guidance_scale"),
+        "guidance_scale": distilled if flux else cfg,
+        "true_cfg_scale": cfg if flux and cfg is not None and cfg > 1 else None,
+        "shift": _field(fields, "Shift", float, "shift"), "family": fields.get("Family"),
         "sampler": fields.get("Sampler"), "scheduler": fields.get("Schedule type"),
         "seed": _field(fields, "Seed", int, "seed"),
         "width": _field(fields, "Size-1", int, "width"), "height": _field(fields, "Size-2", int, "height"),
@@ -198,9 +217,12 @@ def request_from_infotext(info) -> dict:
 # --- regenerating -------------------------------------------------------------------------------------------
 
 
+FAMILY_OPTIONS = ("shift", "max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale",
+                  "skip_layer_guidance_start", "skip_layer_guidance_stop")  # Pipeline.__call__ keyword arguments
 REPRODUCED = ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale", "sampler", "schedule",
-              "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch")
-INFORMATIONAL = ("model", "model_hash", "nsfw", "reverie_version", "dtype", "device")
+              "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch", *FAMILY_OPTIONS)
+INFORMATIONAL = ("model", "model_hash", "nsfw", "reverie_version", "dtype", "device", "family", "variant",
+                 "distilled_guidance")
 
 
 def _sampler_name(sampler: str, schedule: str, options: dict) -> str:
@@ -216,14 +238,16 @@ def generation_kwargs(request: dict) -> tuple[dict, int, list[str]]:
     """(Pipeline.__call__ keyword arguments, index of the image among the generated ones, fields that are not
     reproduced) for a reverie JSON chunk or a request_from_infotext dict. A reverie image from a batch is
     regenerated with its whole batch, so its pixels come out bit-identical (same device and dtype)."""
-    if not isinstance(request, dict) or not isinstance(request.get("prompt"), str):
-        raise ValueError("request must be a dict with a prompt string")
-    sampler, scheduler = request.get("sampler") or "dpmpp_2m", request.get("scheduler")
-    if "schedule" in request:  # reverie's own record: the resolved sampler
+    prompt = request.get("prompt") if isinstance(request, dict) else None
+    if not isinstance(prompt, (str, int)) or isinstance(prompt, bool):
+        raise ValueError("request must be a dict with a prompt string (DiT: a class id)")
+    sampler, scheduler = request.get("sampler"), request.get("scheduler")  # None: the model's default
+    if "schedule" in request and sampler is not None:  # reverie's own record: the resolved sampler
         scheduler = request["schedule"]
         sampler = _sampler_name(sampler, scheduler, request.get("sampler_options") or {})
     kwargs = {k: request[k] for k in ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale",
-                                      "width", "height", "seed", "clip_skip") if request.get(k) is not None}
+                                      "width", "height", "seed", "clip_skip", *FAMILY_OPTIONS)
+              if request.get(k) is not None}
     kwargs |= {"sampler": sampler, "scheduler": scheduler}
     index, batch = 0, request.get("batch")
     if batch:

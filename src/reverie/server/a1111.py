@@ -13,8 +13,9 @@ import time
 from fastapi import APIRouter
 from starlette.requests import Request as HTTPRequest
 
-from ..metadata import SCHEDULE_TYPES, infotext, read_png_info
+from ..metadata import SCHEDULE_TYPES, infotext, model_hash, read_png_info, sampler_label
 from ..samplers import resolve, valid_names
+from . import family as families
 from .common import decode_image, images_b64, prepare, raise_for_job, run_sync
 from .engine import Engine
 from .job import FieldError, Request
@@ -22,29 +23,72 @@ from .schemas import Img2ImgBody, Limits, PngInfoBody, Txt2ImgBody
 
 _NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "strength": "denoising_strength",
           "image": "init_images"}
+_FLUX_NAMES = {**_NAMES, "guidance_scale": "distilled_cfg_scale", "true_cfg_scale": "cfg_scale"}  # Forge's fields
+DEFAULTS = dict(steps=20, guidance_scale=7.0, sampler="Euler")  # A1111's API defaults (SD models)
+
+
+def title(name: str, pipe) -> str:
+    """A1111's checkpoint title, "name [short hash]" (the hash when the model has a source file or folder)."""
+    digest = _hash(pipe)
+    return f"{name} [{digest}]" if digest else name
+
+
+def _hash(pipe) -> str | None:
+    try:
+        return model_hash(pipe.source) if pipe.source is not None else None
+    except (OSError, ValueError):
+        return None
 
 
 def router(engine: Engine, limits: Limits) -> APIRouter:
     api = APIRouter(prefix="/sdapi/v1", tags=["a1111"])
+    current = {"model": engine.default_model}  # A1111's loaded checkpoint: POST /options sets it
+
+    def checkpoint(value, field: str) -> str:
+        """A model's name from an sd_model_checkpoint value: its name or its title (A1111 clients send either)."""
+        for name, pipe in engine.models.items():
+            if value in (name, title(name, pipe)) or str(value).split(" [")[0] == name:
+                return name
+        raise FieldError(field, f"must be one of {[title(n, p) for n, p in engine.models.items()]}; got {value!r}")
+
+    def model_of(body: Txt2ImgBody) -> str:
+        chosen = body.override_settings.get("sd_model_checkpoint")
+        return current["model"] if chosen is None else checkpoint(chosen, "sd_model_checkpoint")
 
     async def generate(body: Txt2ImgBody, http: HTTPRequest, **edit) -> dict:
+        model = model_of(body)
+        pipe = engine.models.get(model)
+        flux = pipe is not None and pipe.family.name == "flux"
+        options = body.family_fields()
+        if flux:  # Forge: distilled_cfg_scale is the distilled guidance, cfg_scale true CFG
+            guidance = body.distilled_cfg_scale if pipe.network.config.guidance_embeds else None
+            if options["true_cfg_scale"] is None:
+                options["true_cfg_scale"] = body.cfg_scale
+        else:
+            guidance = body.cfg_scale
         request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
-                          guidance_scale=body.cfg_scale, sampler=body.sampler_name or body.sampler_index,
+                          guidance_scale=guidance, sampler=body.sampler_name or body.sampler_index,
                           scheduler=body.scheduler, seed=None if body.seed == -1 else body.seed, width=body.width,
-                          height=body.height, n=body.batch_size * body.n_iter, **edit)
-        request = prepare(engine, limits, request, _NAMES)
+                          height=body.height, n=body.batch_size * body.n_iter, model=model, **options, **edit)
+        request = prepare(engine, limits, request, _FLUX_NAMES if flux else _NAMES, DEFAULTS)
         job = await run_sync(engine, request, http)
         raise_for_job(job)
         params = job.result["params"]
-        info = dict(prompt=body.prompt, all_prompts=[body.prompt] * job.request.n,
-                    negative_prompt=body.negative_prompt, all_negative_prompts=[body.negative_prompt] * job.request.n,
-                    seed=job.seeds[0], all_seeds=job.seeds, subseed=-1, all_subseeds=[-1] * job.request.n,
-                    subseed_strength=0, width=job.request.width, height=job.request.height,
-                    sampler_name=request.sampler, cfg_scale=body.cfg_scale, steps=body.steps,
+        r = job.request
+        sampler = sampler_label(params[0]["sampler"], params[0].get("schedule") or "default",
+                                params[0].get("sampler_options"))[0] if params else r.sampler
+        info = dict(prompt=body.prompt, all_prompts=[body.prompt] * r.n,
+                    negative_prompt=body.negative_prompt, all_negative_prompts=[body.negative_prompt] * r.n,
+                    seed=job.seeds[0], all_seeds=job.seeds, subseed=-1, all_subseeds=[-1] * r.n,
+                    subseed_strength=0, width=r.width, height=r.height, sampler_name=sampler,
+                    cfg_scale=(r.true_cfg_scale or 1.0) if flux else r.guidance_scale, steps=r.steps,
                     batch_size=body.batch_size, n_iter=body.n_iter, restore_faces=False,
-                    sd_model_name=job.request.model, denoising_strength=edit.get("strength"),
-                    infotexts=[infotext(p) for p in params], index_of_first_image=0, job_id=job.id,
+                    sd_model_name=r.model, sd_model_hash=_hash(pipe), family=pipe.family.name,
+                    denoising_strength=edit.get("strength"), infotexts=[infotext(p) for p in params],
+                    index_of_first_image=0, job_id=job.id,
                     job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))
+        if flux and pipe.network.config.guidance_embeds:
+            info["distilled_cfg_scale"] = r.guidance_scale
         parameters = body.model_dump(exclude={"init_images"})
         return dict(images=images_b64(engine, job) if body.send_images else [], parameters=parameters,
                     info=json.dumps(info))
@@ -65,27 +109,52 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
             out["images"] += body.init_images[:1]
         return out
 
+    def kind() -> str:
+        return engine.models[current["model"]].sampling.kind if current["model"] in engine.models else "vp"
+
     @api.get("/samplers")
     def samplers() -> list[dict]:
-        """A1111's sampler labels and reverie's own names (aliases: what each resolves to)."""
+        """A1111's sampler labels and reverie's own names (aliases: what each resolves to) that run on the
+        current model (flow-matching models: no DDIM / DDPM; DDPM models: no flow solvers)."""
+        allowed = set(families.allowed_samplers(kind()))
         out = []
         for name in valid_names():
             choice = resolve(name)
-            if choice.family == "flow":
-                continue
-            out.append(dict(name=name, aliases=[choice.name] if choice.name != name else [],
-                            options={**choice.options, "scheduler": choice.schedule}))
+            if choice.name in allowed:
+                out.append(dict(name=name, aliases=[choice.name] if choice.name != name else [],
+                                options={**choice.options, "scheduler": choice.schedule}))
         return out
 
     @api.get("/schedulers")
     def schedulers() -> list[dict]:
+        """The schedule types of the current model's schedule kind (flow models also Simple, SGM Uniform, Beta)."""
+        kinds = families.FLOW_KINDS if kind() == "flow" else families.VP_KINDS
         return [dict(name=name, label=label) for name, label in
-                (("automatic", "Automatic"), *((k, v) for k, v in SCHEDULE_TYPES.items()))]
+                (("automatic", "Automatic"), *((k, v) for k, v in SCHEDULE_TYPES.items() if k in kinds))]
 
     @api.get("/sd-models")
     def sd_models() -> list[dict]:
-        return [dict(title=name, model_name=name, hash=None, sha256=None, filename=name, config=None)
-                for name in engine.models]
+        """The models this server holds, with their family (reverie's addition)."""
+        return [dict(title=title(name, pipe), model_name=name, hash=_hash(pipe), sha256=None,
+                     filename=str(pipe.source) if pipe.source is not None else name, config=None,
+                     family=pipe.family.name) for name, pipe in engine.models.items()]
+
+    @api.get("/options")
+    def options() -> dict:
+        """The A1111 options reverie has: the current checkpoint."""
+        name = current["model"]
+        pipe = engine.models.get(name)
+        return dict(sd_model_checkpoint=title(name, pipe) if pipe is not None else name,
+                    sd_checkpoint_hash=_hash(pipe) if pipe is not None else None, samples_format="png",
+                    CLIP_stop_at_last_layers=1)
+
+    @api.post("/options")
+    def set_options(body: dict) -> dict:
+        """Set the current checkpoint (sd_model_checkpoint: a name or title from /sd-models) for this dialect's
+        later requests; other options are accepted and ignored."""
+        if "sd_model_checkpoint" in body:
+            current["model"] = checkpoint(body["sd_model_checkpoint"], "sd_model_checkpoint")
+        return {}
 
     @api.get("/progress")
     def progress(skip_current_image: bool = False) -> dict:

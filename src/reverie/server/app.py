@@ -32,6 +32,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="reverie", version=__version__,
                   description="Image generation: OpenAI images API, A1111 /sdapi/v1, and reverie's async jobs.")
+    app.state.engine = engine  # the playground's schedule views read the served models
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, metrics=engine.metrics)
 
     @app.exception_handler(FieldError)

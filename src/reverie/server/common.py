@@ -26,12 +26,14 @@ def decode_image(field: str, data: str | None) -> bytes | None:
         raise FieldError(field, "must be base64 (or a data: URL) of a PNG or JPEG image") from None
 
 
-def prepare(engine: Engine, limits: Limits, request: Request, names: dict | None = None) -> Request:
+def prepare(engine: Engine, limits: Limits, request: Request, names: dict | None = None,
+            defaults: dict | None = None) -> Request:
     """Defaults filled in and every check done (limits, then the model's, then the limits on the filled-in size),
-    errors naming the fields as the dialect names them (names: engine field -> dialect field)."""
+    errors naming the fields as the dialect names them (names: engine field -> dialect field). defaults: the
+    dialect's own steps / guidance_scale / sampler defaults for SD models (Engine.prepare)."""
     try:
         limits.check(request)
-        request = engine.prepare(request)
+        request = engine.prepare(request, defaults)
         limits.check(request)
     except FieldError as e:
         if names and e.field in names:

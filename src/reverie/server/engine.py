@@ -2,10 +2,12 @@
 
 One Engine object owns everything (no module globals). HTTP handlers call `submit`, `get`, `cancel` and
 listen to a job's events; a single worker thread takes the oldest queued job plus every queued job that can
-share its forward passes (same model, size, sampler, schedule, steps and prompt chunk count, and for img2img,
-inpainting and ControlNet the same strength, source size and ControlNet: guidance scales may differ,
-CFGDenoiser takes one per row; source, mask and control images are per row) and runs them as one Pipeline
-call, one seed per image, so a batched image equals the same request run alone up to float rounding.
+share its forward passes (same model, size, sampler, schedule, steps and shift, the conditioning shape the
+model's family decides — reverie.server.family — and for img2img, inpainting and ControlNet the same strength,
+source size and ControlNet: guidance scales may differ, CFGDenoiser takes one per row; source, mask and
+control images are per row) and runs them as one Pipeline call, one seed per image, so a batched image equals
+the same request run alone up to float rounding. Models of every family (SD 1/2, DiT, SD3, FLUX) are served;
+a request's missing steps, guidance scale and sampler are the model family's defaults.
 
 Between denoising steps the sampler callback drops rows whose job was cancelled or ran past its deadline (the
 job is final at once; its row runs on, unseen, until the batch ends) and stops the call when no row is left.
@@ -32,7 +34,7 @@ from PIL import Image
 from ..loading import load_controlnet
 from ..metadata import image_params, png_bytes
 from ..pipeline import MAX_SEED, Pipeline, to_pil
-from ..samplers import resolve
+from . import family as families
 from .job import BYTES_FIELDS, FINAL, Cancelled, FieldError, Job, Rejected, Request, final_data
 from .metrics import BATCH_BUCKETS, Metrics
 from .store import JOB_ID, JobStore
@@ -207,16 +209,22 @@ class Engine:
 
     # --- validation ----------------------------------------------------------------------------------
 
-    def prepare(self, request: Request) -> Request:
-        """Fill defaults (model; size: the source image's, else the model's; seed) and check what depends on the
-        model. Raises FieldError. Preparing a prepared request changes nothing."""
+    def prepare(self, request: Request, defaults: dict | None = None) -> Request:
+        """Fill defaults (model; steps, guidance scale and sampler: the model family's, for SD models `defaults`,
+        the dialect's, or family.SD_DEFAULTS; size: the source image's, else the model's; seed) and check what
+        depends on the model. Raises FieldError. Preparing a prepared request changes nothing."""
         if not self._ready:
             raise Rejected(503, "the server is not ready (loading models)", 5)
+        return self._prepare(request, defaults)
+
+    def _prepare(self, request: Request, defaults: dict | None = None) -> Request:
         model = request.model or self.default_model
         if model not in self.models:
             raise FieldError("model", f"must be one of {sorted(self.models)}; got {model!r}")
         pipe = self.models[model]
-        factor, size = pipe.downsample_factor, (pipe.default_size, pipe.default_size)
+        settings = families.settings(pipe, defaults)
+        request = dataclasses.replace(request, **{k: v for k, v in settings.items() if getattr(request, k) is None})
+        factor, size = pipe.size_multiple, (pipe.default_size, pipe.default_size)
         source = request.image if request.image is not None else request.control_image
         if source is not None and (request.width is None or request.height is None):
             w, h = _open_image("image" if request.image is not None else "control_image", source).size
@@ -225,18 +233,9 @@ class Engine:
         height = request.height or size[1]
         for name, value in (("width", width), ("height", height)):
             if value % factor:
-                raise FieldError(name, f"must be a multiple of {factor}; got {value}")
-        try:
-            choice = resolve(request.sampler)
-        except ValueError as e:
-            raise FieldError("sampler", str(e)) from None
-        if choice.family == "flow":
-            raise FieldError("sampler", f"{request.sampler!r} is for flow-matching models; this model is a DDPM model")
-        if request.scheduler is not None:
-            try:
-                resolve(request.sampler, request.scheduler)
-            except ValueError as e:
-                raise FieldError("scheduler", str(e)) from None
+                raise FieldError(name, f"must be a multiple of {factor} for this {pipe.family.name} model; got {value}")
+        families.sampler_choice(pipe, request.sampler, request.scheduler)
+        families.check(pipe, request)
         if request.steps > pipe.schedule.num_train_timesteps:
             raise FieldError("steps", f"must be <= {pipe.schedule.num_train_timesteps}; got {request.steps}")
         for name in BYTES_FIELDS:
@@ -263,7 +262,7 @@ class Engine:
                 if isinstance(net, (str, Path)):
                     self.controlnets[name] = load_controlnet(net)
             for pipe in self.models.values():  # warm-up: the first call pays for lazy initialisation
-                pipe("warm-up", steps=1, seed=0, progress=False)
+                pipe(**families.warm_up_call(pipe))
         except Exception as e:  # the process stays up, not ready, and says why
             self.load_error = f"{type(e).__name__}: {e}"
             log.exception("model loading failed")
@@ -294,7 +293,12 @@ class Engine:
                 self.store.update(row["id"], status="cancelled", finished=time.time(),
                                   error="the server restarted; the waiting client was gone")
                 continue
-            job = Job(row["id"], Request.from_json(row["request"]), kind="job", created=row["created"])
+            try:  # the models may have changed since it was accepted
+                request = self._prepare(Request.from_json(row["request"]))
+            except FieldError as e:
+                self.store.update(row["id"], status="failed", finished=time.time(), error=str(e))
+                continue
+            job = Job(row["id"], request, kind="job", created=row["created"])
             job.deadline = job.enqueued + min(self.timeout_s, job.request.timeout_s or math.inf)
             self.store.update(job.id, status="queued", started=None)
             with self._cond:
@@ -353,14 +357,15 @@ class Engine:
         return sum(job.request.n for job in self._queue if self._key(job) == key)
 
     def _key(self, job: Job) -> tuple:
-        """Jobs with equal keys share forward passes: same model, size, sampler, schedule, steps and prompt
-        chunk count (the conditioning's shape: long prompts get more 77-token chunks), and for edits the same
-        edit settings (_edit_key)."""
+        """Jobs with equal keys share forward passes: same model, size, sampler, schedule, steps and shift, the
+        same conditioning shape and call-wide family settings (family.conditioning_key: SD's prompt chunk count,
+        SD3's and FLUX's max_sequence_length, FLUX's distilled guidance and true_cfg_scale), and for edits the
+        same edit settings (_edit_key)."""
         if job.key is None:
             r = job.request
-            texts = [r.prompt, r.negative_prompt] if r.guidance_scale > 1 else [r.prompt]
-            chunks = self.models[r.model].text_encoder.tokenize(texts).shape[1]
-            job.key = (r.model, r.width, r.height, resolve(r.sampler, r.scheduler), r.steps, chunks, _edit_key(r))
+            pipe = self.models[r.model]
+            job.key = (r.model, r.width, r.height, families.sampler_choice(pipe, r.sampler, r.scheduler), r.steps,
+                       r.shift, families.conditioning_key(pipe, r), _edit_key(r))
         return job.key
 
     def _expire_queued(self) -> None:  # holding self._cond
@@ -427,15 +432,17 @@ class Engine:
         for job in batch:
             r = job.request
             prompts += [r.prompt] * r.n
-            negatives += [r.negative_prompt if r.guidance_scale > 1 else ""] * r.n
+            negatives += [r.negative_prompt if families.uses_cfg(pipe, r) else ""] * r.n
             scales += [r.guidance_scale] * r.n
             seeds += job.seeds
+        if not any(families.uses_cfg(pipe, job.request) for job in batch):
+            negatives = None  # DiT has none; FLUX warns about one it would not use
         images = len(prompts)
         self.metrics.observe("batch_images", images)
         self.metrics.observe("batch_jobs", len(batch))
         log.info("batch started", extra={"jobs": [j.id for j in batch], "images": images})
         callback = _StepCallback(self, pipe, batch, active)
-        kwargs = _edit_kwargs(batch, self.controlnets)
+        kwargs = _edit_kwargs(batch, self.controlnets) | families.call_options(r0)  # equal for the batch (_key)
         result = pipe(prompts, negative_prompt=negatives, steps=r0.steps,
                       guidance_scale=scales if len(set(scales)) > 1 else scales[0], sampler=r0.sampler,
                       scheduler=r0.scheduler, width=r0.width, height=r0.height, seed=seeds, callback=callback,
@@ -446,11 +453,13 @@ class Engine:
     def _deliver(self, job: Job, result, rows: range, elapsed: float) -> None:
         """Write a job's images (PNG with its parameters), then mark it done."""
         r = job.request
+        uses_cfg = families.uses_cfg(self.models[r.model], r)
         params = []
         for i, row in enumerate(rows):
             p = image_params(result.params, row)
-            if r.guidance_scale <= 1:  # as if alone: no negative prompt without guidance
+            if not uses_cfg:  # as if alone: no negative prompt without guidance
                 p["negative_prompt"] = None
+            p |= {k: v for k, v in families.call_options(r).items() if k not in p}  # all it takes to regenerate
             self.store.write_image(job.id, i, png_bytes(result.images[row], p))
             params.append(p)
         self._finish(job, "done", result=dict(images=r.n, seeds=job.seeds, params=params, elapsed_s=round(elapsed, 3)))
@@ -531,10 +540,13 @@ class _StepCallback:
             job.emit("progress", data)
 
     def _previews(self, step, jobs: list[Job]) -> dict:
-        """Decode x_t (scaled to unit variance) and the denoised estimate of each job's first image."""
+        """Decode x_t (VP: scaled to unit variance; flow samples already are) and the denoised estimate of each
+        job's first image."""
         vae = self.pipe.vae
         rows = [self.rows[job.id] for job in jobs]
-        x = step.x[rows] / (1 + float(step.sigma) ** 2) ** 0.5
+        x = step.x[rows]
+        if self.pipe.sampling.kind == "vp":
+            x = x / (1 + float(step.sigma) ** 2) ** 0.5
         z = torch.cat([x, step.denoised[rows]])
         param = next(vae.parameters())
         with torch.inference_mode():

@@ -40,12 +40,12 @@ class Cancelled(Exception):
 class Request:
     """One generation request, whatever dialect it came in. Images are encoded bytes (PNG, JPEG, ...)."""
 
-    prompt: str
+    prompt: str  # DiT: a class id or label name
     negative_prompt: str = ""
-    steps: int = 20
-    guidance_scale: float = 7.5
-    sampler: str = "dpmpp_2m"  # any name reverie.samplers.resolve accepts
-    scheduler: str | None = None  # schedule type: karras, exponential, ...
+    steps: int | None = None  # None: the model's default (Engine.prepare fills it in)
+    guidance_scale: float | None = None  # None: the model's default; FLUX: the distilled guidance
+    sampler: str | None = None  # any name reverie.samplers.resolve accepts; None: the model's default
+    scheduler: str | None = None  # schedule type: karras, exponential, ...; flow models also simple, sgm_uniform, beta
     seed: int | None = None  # image i gets seed + i; None draws one at submission
     width: int | None = None  # None: the model's native size
     height: int | None = None
@@ -57,6 +57,11 @@ class Request:
     control_image: bytes | None = None
     control_type: str | None = None  # a ControlNet the engine holds, by name
     controlnet_scale: float = 1.0
+    shift: float | None = None  # flow models (SD3, FLUX): the schedule's shift instead of the model's
+    max_sequence_length: int | None = None  # SD3, FLUX: T5 tokens (None: SD3 256, FLUX 512)
+    true_cfg_scale: float | None = None  # FLUX: classifier-free guidance against the negative prompt when > 1
+    skip_guidance_layers: list[int] | None = None  # SD3.5: skip-layer guidance on these transformer blocks
+    skip_layer_guidance_scale: float | None = None  # SD3.5: its scale (None: 2.8, diffusers' default)
     preview: bool = False  # stream decoded previews with the progress events
     timeout_s: float | None = None  # the job's deadline (queue wait + run); the engine's default caps it
 

@@ -29,13 +29,13 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
     @api.post("/v1/jobs", status_code=202, response_model=JobAccepted)
     def submit(body: JobBody) -> dict:
         """Queue a generation; answers at once with the job id and its queue position."""
-        request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+        request = Request(prompt=str(body.prompt), negative_prompt=body.negative_prompt, steps=body.steps,
                           guidance_scale=body.guidance_scale, sampler=body.sampler, scheduler=body.scheduler,
                           seed=body.seed, width=body.width, height=body.height, n=body.n, model=body.model,
                           image=decode_image("image", body.image), mask=decode_image("mask", body.mask),
                           strength=body.strength, control_image=decode_image("control_image", body.control_image),
                           control_type=body.control_type, controlnet_scale=body.controlnet_scale,
-                          preview=body.preview, timeout_s=body.timeout_s)
+                          preview=body.preview, timeout_s=body.timeout_s, **body.family_fields())
         job = engine.submit(prepare(engine, limits, request), kind="job")
         return dict(id=job.id, position=engine.position(job), status=job.status)
 

@@ -8,6 +8,7 @@ import time
 from fastapi import APIRouter
 from starlette.requests import Request as HTTPRequest
 
+from . import family as families
 from .common import images_b64, prepare, raise_for_job, run_sync
 from .engine import Engine
 from .job import FieldError, Request
@@ -33,9 +34,10 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
     async def generations(body: OpenAIImageBody, http: HTTPRequest) -> dict:
         """Generate images and answer with them (b64_json) or with links to them (url)."""
         width, height = parse_size(body.size)
-        request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
+        request = Request(prompt=str(body.prompt), negative_prompt=body.negative_prompt, steps=body.steps,
                           guidance_scale=body.guidance_scale, sampler=body.sampler, scheduler=body.scheduler,
-                          seed=body.seed, width=width, height=height, n=body.n, model=body.model)
+                          seed=body.seed, width=width, height=height, n=body.n, model=body.model,
+                          **body.family_fields())
         request = prepare(engine, limits, request, {"width": "size", "height": "size"})
         job = await run_sync(engine, request, http)
         raise_for_job(job)
@@ -50,12 +52,15 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
 
     @api.get("/v1/models")
     def models() -> dict:
-        """The models this server holds (the first is the default), with their native size and ControlNets."""
+        """The models this server holds (the first is the default): native size, family, schedule kind ("vp" or
+        "flow"), size multiple, the defaults a request gets, the family options it takes, the samplers that run on
+        it, its shift (flow models), and the ControlNets (SD models)."""
         data = []
         for name, pipe in engine.models.items():
-            controls = sorted(engine.controlnets)  # what a request's control_type may name
+            controls = sorted(engine.controlnets) if pipe.family.controlnet else []  # what control_type may name
             data.append(dict(id=name, object="model", owned_by="reverie", default=name == engine.default_model,
-                             width=pipe.default_size, height=pipe.default_size, controlnets=controls))
+                             width=pipe.default_size, height=pipe.default_size, controlnets=controls,
+                             **families.describe(pipe)))
         return {"object": "list", "data": data, "created": int(time.time())}
 
     return api

@@ -3,20 +3,24 @@
 The page (static/index.html, app.js, plot.js, style.css; shipped in the package, no CDN) shows
 
   * the forward process q(x_t | x_0) for a picked or uploaded image at any t or sigma, the curves of
-    alphabar and SNR over t for the linear / scaled-linear / cosine schedules, and the sigmas each sampler
-    visits (and where it evaluates the denoiser) for a number of steps;
+    alphabar and SNR over t for the linear / scaled-linear / cosine schedules and the flow times of a
+    rectified-flow schedule with its shift, and the sigmas each sampler visits (and where it evaluates the
+    denoiser) for a number of steps on the served model's schedule: VE sigmas for DDPM models (SD, DiT),
+    flow times t in [0, 1] for flow-matching models (SD3, FLUX), with the samplers that run on it;
   * the reverse process, streamed step by step from the native job API (`/v1/jobs`, reverie.server.app);
   * a guidance-scale and a sampler comparison, and image editing (img2img, inpainting, ControlNet), all
     through the same job API.
 
 This module only does the math the page must not re-implement in JavaScript: every number comes from
-reverie.schedules and reverie.samplers. `router` is an APIRouter that create_app includes.
+reverie.schedules, reverie.flow and reverie.samplers. `router` is an APIRouter that create_app includes; the
+served model is app.state.engine's default (or ?model=), and without an engine the shipped shapes model.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import io
 import json
 import math
@@ -29,10 +33,14 @@ from fastapi import APIRouter, HTTPException, Query
 from fastapi.responses import FileResponse, HTMLResponse
 from PIL import Image
 from pydantic import BaseModel, Field
+from starlette.requests import Request as HTTPRequest
 
 from ..data.folder import resize_center_crop, to_rgb, to_tensor
+from ..flow import FlowSchedule
 from ..samplers import resolve
+from ..sampling import sampling_for
 from ..schedules import DiscreteSchedule, add_noise
+from . import family as families
 
 STATIC = Path(__file__).parent / "static"
 BUNDLED_SCHEDULER = Path(__file__).parent.parent / "bundled" / "shapes" / "scheduler" / "scheduler_config.json"
@@ -50,6 +58,8 @@ ScheduleName = Literal["linear", "scaled_linear", "cosine"]
 PAGE_SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "LMS Karras", "DDIM", "DDPM", "DPM++ 2M", "DPM++ 2M Karras",
                  "DPM++ 2M Exponential", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ SDE Karras", "UniPC")
 DEFAULT_SAMPLER = "DPM++ 2M"  # the pipeline's default, dpmpp_2m
+DEFAULT_FLOW_SAMPLER = "Euler"  # FlowMatchEulerDiscreteScheduler, SD3's and FLUX's own
+DEFAULT_SHIFT = 3.0  # SD3's flow shift, for the flow curve when no flow model is served
 
 MAX_IMAGE_BYTES = 8 * 2**20  # decoded upload size
 MAX_IMAGE_PIXELS = 4096 * 4096  # checked before the pixels are decoded
@@ -202,9 +212,52 @@ def forward(request: ForwardRequest) -> dict:
 # --- schedule curves ------------------------------------------------------------------------------------
 
 
+def served(http: HTTPRequest, model: str | None = None):
+    """(name, Pipeline) of the served model (`model`, else the engine's default); None without an engine."""
+    engine = getattr(http.app.state, "engine", None)
+    models = engine.models if engine is not None else {}
+    if model is None and (engine is None or engine.default_model not in models):
+        return None  # no server, or its models are still loading: the shipped model's schedule
+    name = model or engine.default_model
+    if name not in models:
+        raise HTTPException(422, f"model: must be one of {sorted(models)}; got {name!r}")
+    return name, models[name]
+
+
+def _mu(pipe) -> float | None:
+    """The dynamic shift of a flow model at its default size (FLUX), None for a static shift."""
+    size = pipe.default_size // pipe.downsample_factor
+    return pipe.family.mu(pipe, (1, pipe.family.latent_channels(pipe), size, size))
+
+
+def flow_curves(schedule: FlowSchedule, points: int, mu: float | None = None) -> dict:
+    """The flow time sigma(t) (the shifted t, Esser et al. 2024 eq. 23; FLUX: by mu) over t in (0, 1), with the
+    signal and noise scales of x_t = (1 - sigma) x0 + sigma eps and the SNR ((1 - sigma) / sigma)^2."""
+    t = torch.linspace(0, 1, points + 2, dtype=torch.float64)[1:-1]  # (0, 1): the SNR is finite inside
+    sigma = schedule.time_shift(t, mu)
+    return {"t": t.tolist(), "sigma": sigma.tolist(), "signal_scale": (1 - sigma).tolist(),
+            "snr": ((1 - sigma) / sigma).square().tolist(),
+            "shift": math.exp(mu) if mu is not None and schedule.time_shift_type == "exponential"
+            else (mu if mu is not None else schedule.shift), "dynamic": mu is not None}
+
+
 @router.get("/playground/schedules")
-def schedules(points: int = Query(200, ge=2, le=1000)) -> dict:
-    """alphabar, sigma and SNR at `points` timesteps spread over [0, T - 1], for each of SCHEDULES."""
+def schedules(http: HTTPRequest, points: int = Query(200, ge=2, le=1000),
+              shift: float | None = Query(None, gt=0, le=100, description="the flow curve's shift; default: the "
+                                                                          "served flow model's, else 3 (SD3)"),
+              model: str | None = Query(None, description="a served model; default: the server's default")) -> dict:
+    """alphabar, sigma and SNR at `points` timesteps spread over [0, T - 1], for each of SCHEDULES; and `flow`:
+    the flow times a rectified-flow schedule with `shift` visits over t in (0, 1) (the served flow model's own
+    schedule when no shift is given)."""
+    found = served(http, model)
+    pipe = found[1] if found else None
+    if shift is not None:
+        flow = flow_curves(FlowSchedule(shift=shift), points)
+    elif pipe is not None and pipe.sampling.kind == "flow":
+        flow = flow_curves(pipe.schedule, points, _mu(pipe) if pipe.schedule.use_dynamic_shifting else None)
+    else:
+        flow = flow_curves(FlowSchedule(shift=DEFAULT_SHIFT), points)
+    kind = pipe.sampling.kind if pipe is not None else "vp"
     out = {}
     for name, schedule in SCHEDULES.items():
         T = schedule.num_train_timesteps
@@ -213,8 +266,10 @@ def schedules(points: int = Query(200, ge=2, le=1000)) -> dict:
         out[name] = {"alphabar": alphabar.tolist(), "sigma": ((1 - alphabar) / alphabar).sqrt().tolist(),
                      "snr": (alphabar / (1 - alphabar)).tolist(),
                      "betas": [schedule.beta_schedule, schedule.beta_start, schedule.beta_end]}
-    return {"t": t.tolist(), "num_train_timesteps": T, "model_schedule": model_schedule().beta_schedule,
-            "schedules": out}
+    model_beta = (pipe.schedule.beta_schedule if kind == "vp" else None) if pipe is not None \
+        else model_schedule().beta_schedule
+    return {"t": t.tolist(), "num_train_timesteps": T, "model_schedule": model_beta, "model_kind": kind,
+            "model": found[0] if found else None, "schedules": out, "flow": flow}
 
 
 # --- the sigmas a sampler visits --------------------------------------------------------------------------
@@ -246,24 +301,78 @@ def sampler_sigmas(sampler: str, steps: int, schedule: DiscreteSchedule, schedul
             "steps": steps, "sigmas": sigmas.tolist(), "evaluations": evaluations}
 
 
+def flow_sampler_sigmas(pipe, sampler: str, steps: int, scheduler: str | None = None,
+                        shift: float | None = None) -> dict:
+    """The flow times t in [0, 1] `sampler` steps through on a flow model's schedule (with another `shift` if
+    given), exactly as the pipeline spaces them (FLUX: dynamic shift at the default size), and the times at
+    which it calls the denoiser: found by running reverie.flow.sample on a one-pixel image."""
+    choice = families.sampler_choice(pipe, sampler, scheduler)  # a FieldError (ValueError) names the field
+    schedule = pipe.schedule if shift is None else dataclasses.replace(pipe.schedule, shift=float(shift))
+    sampling = sampling_for(schedule)
+    sigmas = sampling.sigmas(steps, choice, mu=_mu(pipe))
+    evaluations = []
+
+    def recording_denoiser(x, t):
+        evaluations.append(float(t.reshape(-1)[0]))
+        return torch.zeros_like(x)
+
+    sampling.run(choice, recording_denoiser, torch.ones(1, 1, 1, 1), sigmas, generator=torch.Generator().manual_seed(0))
+    return {"sampler": sampler, "name": choice.name, "schedule": choice.schedule, "family": choice.family,
+            "steps": steps, "sigmas": sigmas.tolist(), "evaluations": evaluations}
+
+
+def _page_samplers(kind: str) -> list[str]:
+    """PAGE_SAMPLERS that run on a model of schedule `kind` (no DDIM / DDPM on flow models)."""
+    if kind == "vp":
+        return list(PAGE_SAMPLERS)
+    return [label for label in PAGE_SAMPLERS if resolve(label).flow_family is not None]
+
+
 @router.get("/playground/samplers")
-def samplers() -> dict:
-    """The samplers the page offers, each with the reverie sampler and sigma schedule it resolves to."""
-    choices = [(label, resolve(label)) for label in PAGE_SAMPLERS]
-    return {"default": DEFAULT_SAMPLER, "samplers": [{"label": label, "name": c.name, "schedule": c.schedule,
-                                                      "family": c.family} for label, c in choices]}
+def samplers(http: HTTPRequest, model: str | None = Query(None, description="a served model; default: the "
+                                                                             "server's default")) -> dict:
+    """The samplers the page offers for the served model's schedule kind, each with the reverie sampler and
+    sigma schedule it resolves to."""
+    found = served(http, model)
+    kind = found[1].sampling.kind if found else "vp"
+    choices = [(label, resolve(label)) for label in _page_samplers(kind)]
+    out = {"default": DEFAULT_SAMPLER if kind == "vp" else DEFAULT_FLOW_SAMPLER, "kind": kind,
+           "model": found[0] if found else None,
+           "samplers": [{"label": label, "name": c.name, "schedule": c.schedule, "family": c.family}
+                        for label, c in choices]}
+    if kind == "flow":
+        out["shift"] = found[1].schedule.shift
+    return out
 
 
 @router.get("/playground/sigmas")
-def sigmas(sampler: list[str] | None = Query(None, description="sampler names (repeat for several)"),
-           steps: int = Query(20, ge=1, le=200), scheduler: str | None = Query(None)) -> dict:
-    """For each sampler (default: PAGE_SAMPLERS), the sigmas it visits on the shipped model's schedule."""
-    names = sampler or list(PAGE_SAMPLERS)
+def sigmas(http: HTTPRequest, sampler: list[str] | None = Query(None, description="sampler names (repeat for several)"),
+           steps: int = Query(20, ge=1, le=200), scheduler: str | None = Query(None),
+           shift: float | None = Query(None, gt=0, le=100, description="flow models: another shift"),
+           model: str | None = Query(None, description="a served model; default: the server's default")) -> dict:
+    """For each sampler (default: the page's for the model), the noise levels it visits on the served model's
+    schedule (the shipped model's without a server): VE sigmas on DDPM models, flow times t in [0, 1] on flow
+    models (kind "flow", with the shift used)."""
+    found = served(http, model)
+    pipe = found[1] if found else None
+    kind = pipe.sampling.kind if pipe is not None else "vp"
+    names = sampler or _page_samplers(kind)
     if len(names) > 20:
         raise HTTPException(422, f"sampler: at most 20 samplers per request; got {len(names)}")
+    if shift is not None and kind != "flow":
+        raise HTTPException(422, "shift: only flow-matching models (SD3, FLUX) have a schedule shift")
     try:
-        results = [sampler_sigmas(name, steps, model_schedule(), scheduler) for name in names]
+        if kind == "flow":
+            results = [flow_sampler_sigmas(pipe, name, steps, scheduler, shift) for name in names]
+        else:
+            schedule = pipe.schedule if pipe is not None else model_schedule()
+            results = [sampler_sigmas(name, steps, schedule, scheduler) for name in names]
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
-    schedule = model_schedule()
-    return {"steps": steps, "sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max, "samplers": results}
+    out = {"steps": steps, "kind": kind, "model": found[0] if found else None, "samplers": results}
+    if kind == "flow":
+        used = pipe.schedule.shift if shift is None else shift
+        return out | {"sigma_min": 0.0, "sigma_max": 1.0, "shift": used,
+                      "dynamic_shift": pipe.schedule.use_dynamic_shifting}
+    schedule = pipe.schedule if pipe is not None else model_schedule()
+    return out | {"sigma_min": schedule.sigma_min, "sigma_max": schedule.sigma_max}

@@ -12,12 +12,18 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from ..models.t5 import MAX_SEQUENCE_LENGTH
 from ..pipeline import MAX_SEED
 from .job import FieldError, Request
 
 Seed = Field(None, ge=-1, le=MAX_SEED, description="-1 or null: random; image i gets seed + i")
 Size = Field(None, ge=1, description="pixels; null: the model's native size")
-Scale = Field(7.5, ge=0, le=100, allow_inf_nan=False)
+Steps = Field(None, ge=1, description="null: the model's default (SD: 20; SD3 and FLUX dev 28, FLUX schnell 4, DiT 50)")
+Scale = Field(None, ge=0, le=100, allow_inf_nan=False,
+              description="null: the model's default (SD 7.5, SD3 7, DiT 4); FLUX: the distilled guidance (dev 3.5)")
+Sampler = Field(None, description="any name reverie.samplers.resolve accepts (GET /sdapi/v1/samplers); null: the "
+                                  "model's default (SD: dpmpp_2m; others: the model folder's own scheduler)")
+Prompt = Field(description="text; DiT models: an ImageNet class id or one of the model's label names")
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ class Limits:
         """Raise FieldError for the first field over its limit."""
         checks = (("prompt", len(request.prompt), self.max_prompt_chars, "characters"),
                   ("negative_prompt", len(request.negative_prompt), self.max_prompt_chars, "characters"),
-                  ("steps", request.steps, self.max_steps, "steps"),
+                  ("steps", request.steps or 0, self.max_steps, "steps"),
                   ("n", request.n, self.max_images, "images"),
                   ("width", request.width or 0, self.max_width, "pixels"),
                   ("height", request.height or 0, self.max_height, "pixels"))
@@ -44,15 +50,37 @@ class Limits:
                 raise FieldError(name, f"must be at most {limit} {unit} on this server; got {value}")
 
 
-class JobBody(BaseModel):
+class FamilyOptions(BaseModel):
+    """Fields for one model family or another (GET /v1/models lists the ones each model takes); a field the
+    model's family does not take is a 422 naming it."""
+
+    shift: float | None = Field(None, gt=0, le=100, allow_inf_nan=False,
+                                description="flow models (SD3, FLUX): the schedule's shift; null: the model's")
+    max_sequence_length: int | None = Field(None, ge=1, le=MAX_SEQUENCE_LENGTH,
+                                            description="SD3, FLUX: T5 tokens; null: SD3 256, FLUX 512")
+    true_cfg_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                         description="FLUX: classifier-free guidance against the negative prompt "
+                                                     "(\"\" when none) when > 1; two network calls a step")
+    skip_guidance_layers: list[int] | None = Field(None, max_length=64,
+                                                   description="SD3.5: skip-layer guidance blocks, e.g. [7, 8, 9]")
+    skip_layer_guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                                    description="SD3.5: skip-layer guidance scale; null: 2.8")
+
+    def family_fields(self) -> dict:
+        """These fields as Request keyword arguments."""
+        return {name: getattr(self, name) for name in FamilyOptions.model_fields}
+
+
+class JobBody(FamilyOptions):
     """POST /v1/jobs: reverie's native request."""
 
-    prompt: str
+    prompt: str | int = Prompt
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Scale
-    sampler: str = Field("dpmpp_2m", description="any name reverie.samplers.resolve accepts (GET /sdapi/v1/samplers)")
-    scheduler: str | None = Field(None, description="schedule type: karras, exponential, normal, automatic")
+    steps: int | None = Steps
+    guidance_scale: float | None = Scale
+    sampler: str | None = Sampler
+    scheduler: str | None = Field(None, description="schedule type: karras, exponential, normal, automatic; flow "
+                                                    "models also simple, sgm_uniform, beta")
     seed: int | None = Seed
     width: int | None = Size
     height: int | None = Size
@@ -74,32 +102,42 @@ class JobAccepted(BaseModel):
     status: str
 
 
-class OpenAIImageBody(BaseModel):
+class OpenAIImageBody(FamilyOptions):
     """POST /v1/images/generations: OpenAI's fields, plus reverie's extras."""
 
-    prompt: str
+    prompt: str | int = Prompt
     model: str | None = None
     n: int = Field(1, ge=1)
     size: str | None = Field(None, description="WIDTHxHEIGHT, or auto / null for the model's native size")
     response_format: Literal["b64_json", "url"] = "b64_json"
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    guidance_scale: float = Scale
-    sampler: str = "dpmpp_2m"
+    steps: int | None = Steps
+    guidance_scale: float | None = Scale
+    sampler: str | None = Sampler
     scheduler: str | None = None
     seed: int | None = Seed
 
 
-class Txt2ImgBody(BaseModel):
-    """POST /sdapi/v1/txt2img: the A1111 fields reverie implements (the others are accepted and ignored)."""
+class Txt2ImgBody(FamilyOptions):
+    """POST /sdapi/v1/txt2img: the A1111 fields reverie implements (the others are accepted and ignored).
+
+    Unset fields get A1111's defaults on SD models (20 steps, CFG 7, Euler) and the model family's otherwise.
+    FLUX follows Forge: distilled_cfg_scale is the distilled guidance (guidance_scale; default 3.5 on dev,
+    ignored on schnell, as Forge does) and cfg_scale is true classifier-free guidance against the negative
+    prompt when above 1 (default 1: none). On other families distilled_cfg_scale is ignored, as Forge does
+    (Forge Neo reuses it as the shift of some flow models; here `shift` is the shift)."""
 
     prompt: str = ""
     negative_prompt: str = ""
-    steps: int = Field(20, ge=1)
-    cfg_scale: float = Field(7.0, ge=0, le=100, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=1, description="null: 20 on SD models, else the model family's default")
+    cfg_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                    description="null: 7 on SD models, else the family's; FLUX: true CFG (Forge)")
+    distilled_cfg_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                              description="FLUX dev: the distilled guidance (Forge); null: 3.5")
     sampler_name: str | None = None
-    sampler_index: str = "Euler"  # A1111's deprecated alias of sampler_name
+    sampler_index: str | None = None  # A1111's deprecated alias of sampler_name (A1111 default: Euler)
     scheduler: str | None = None
+    override_settings: dict = Field(default_factory=dict, description="sd_model_checkpoint picks the model")
     seed: int = Field(-1, ge=-1, le=MAX_SEED)
     width: int | None = Size
     height: int | None = Size

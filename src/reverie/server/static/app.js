@@ -275,6 +275,14 @@ function drawScheduleCurves() {
   }));
   Plot.plot($("plot-alphabar"), {series: series("alphabar"), xLabel: "t", yLabel: "ᾱ", yMin: 0, yMax: 1, markerX: fwd.t});
   Plot.plot($("plot-snr"), {series: series("snr"), xLabel: "t", yLabel: "SNR", logY: true, markerX: fwd.t});
+  const flow = data.flow;  // the served flow model's schedule, or SD3's shift 3 when none is served
+  if (flow) {
+    const shift = `shift ${+flow.shift.toPrecision(4)}${flow.dynamic ? " (dynamic, at the default size)" : ""}`;
+    const own = data.model_kind === "flow" ? ` (${data.model})` : "";
+    Plot.plot($("plot-flow"), {series: [{name: `σ, ${shift}${own}`, x: flow.t, y: flow.sigma, color: Plot.PALETTE[0]},
+                                        {name: "t (no shift)", x: flow.t, y: flow.t, color: Plot.PALETTE[8]}],
+                               xLabel: "t ∈ [0, 1]", yLabel: "σ", yMin: 0, yMax: 1});
+  }
 }
 
 async function updateSigmaPlot() {
@@ -285,25 +293,31 @@ async function updateSigmaPlot() {
   const query = new URLSearchParams([["steps", String(steps)], ...chosen.map((s) => ["sampler", s])]);
   try {
     const r = await api("GET", `/playground/sigmas?${query}`);
+    const flow = r.kind === "flow";  // flow models: flow times t in [0, 1], on a linear axis
     const series = r.samplers.map((s) => {
       const k = state.samplers.findIndex((x) => x.label === s.sampler);
       return {name: s.sampler, x: s.sigmas.map((_, i) => i), y: s.sigmas, dots: true,
-              color: Plot.PALETTE[Math.max(k, 0) % Plot.PALETTE.length], rings: evaluationPoints(s)};
+              color: Plot.PALETTE[Math.max(k, 0) % Plot.PALETTE.length], rings: evaluationPoints(s, !flow)};
     });
-    Plot.plot($("plot-sigmas"), {series, xLabel: "step", yLabel: "σ", logY: true, width: 900, height: 280});
+    $("sig-hint").textContent = flow
+      ? `On ${r.model}'s flow schedule (shift ${r.shift}${r.dynamic_shift ? ", dynamic" : ""}): σ is the flow time t ∈ [0, 1].`
+      : `On ${r.model ? r.model + "'s" : "the shipped model's"} schedule.`;
+    Plot.plot($("plot-sigmas"), {series, xLabel: "step", yLabel: flow ? "t" : "σ", logY: !flow, width: 900, height: 280});
   } catch (e) {
     showError(e);
   }
 }
 
-// Where each denoiser call falls along the step axis (between the two sigmas it lies between, in log sigma).
-function evaluationPoints(s) {
+// Where each denoiser call falls along the step axis (between the two sigmas it lies between, in log sigma;
+// flow times: linearly).
+function evaluationPoints(s, log = true) {
   const out = [];
   for (const e of s.evaluations) {
     let i = 0;
     while (i < s.sigmas.length - 2 && s.sigmas[i + 1] >= e) i += 1;
     const a = s.sigmas[i], b = s.sigmas[i + 1];
-    const f = b > 0 && a > b ? (Math.log(a) - Math.log(e)) / (Math.log(a) - Math.log(b)) : 0;
+    const f = !log ? (a > b ? (a - e) / (a - b) : 0)
+      : b > 0 && a > b ? (Math.log(a) - Math.log(e)) / (Math.log(a) - Math.log(b)) : 0;
     out.push({x: i + Math.min(Math.max(f, 0), 1), y: e});
   }
   return out;
