@@ -226,7 +226,6 @@ def test_a1111_options_pick_the_checkpoint(client):
 @pytest.mark.parametrize("path,body,field", [
     ("/v1/jobs", {"model": "dit", "prompt": "3", "sampler": "DDIM", "negative_prompt": "blurry"}, "negative_prompt"),
     ("/v1/jobs", {"model": "dit", "prompt": "a photo of a cat", "sampler": "DDIM"}, "prompt"),
-    ("/v1/jobs", {"model": "dit", "prompt": "3"}, "sampler"),  # its folder's DDIM clips x0: give a sampler
     ("/v1/jobs", {"model": "dit", "prompt": "3", "sampler": "euler_flow"}, "sampler"),
     ("/v1/jobs", {"model": "dit", "prompt": "3", "sampler": "DDIM", "shift": 3.0}, "shift"),
     ("/v1/jobs", {"model": "dit", "prompt": "3", "sampler": "Euler", "scheduler": "simple"}, "scheduler"),
@@ -258,8 +257,8 @@ def test_fields_a_family_cannot_use_are_422_naming_them(client, path, body, fiel
 def test_sampler_errors_name_the_allowed_samplers(client):
     detail = client.post("/v1/jobs", json={"model": "sd3", "prompt": "x", "sampler": "ddim"}).json()["detail"][0]
     assert "euler_flow" in detail["msg"] and "dpmpp_2m" in detail["msg"]
-    detail = client.post("/v1/jobs", json={"model": "dit", "prompt": "3"}).json()["detail"][0]
-    assert "clip_sample" in detail["msg"] and "ddim" in detail["msg"]
+    detail = client.post("/v1/jobs", json={"model": "dit", "prompt": "3", "sampler": "euler_flow"}).json()["detail"][0]
+    assert "ddim" in detail["msg"] and "dpmpp_2m" in detail["msg"]
 
 
 # --- image metadata --------------------------------------------------------------------------------------------
@@ -303,8 +302,6 @@ def test_generate_from_regenerates_a_served_image(client, server, folders, tmp_p
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(io.BytesIO(png))))
 
 
-@pytest.mark.xfail(strict=True, reason="Pipeline._sampler: the model folder's own scheduler carries its shift as "
-                                       "flow_config, which FlowSchedule.sigmas_for applies over shift= (for the lead)")
 def test_shift_applies_with_the_models_own_scheduler(pipes):
     kwargs = dict(steps=STEPS, seed=[9], progress=False, **CASES["sd3"])
     for sampler in ("Euler", None):  # an explicit sampler takes the shift; the model's own should too

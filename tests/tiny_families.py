@@ -117,7 +117,7 @@ def _save(pipe, folder) -> Path:
 
 def dit_folder(tmp) -> Path:
     """diffusers' tiny DiTPipeline: seed 0 -> DiTTransformer2DModel, then AutoencoderKL() with defaults (no reseed,
-    one 64-channel level: VAE factor 1) and DDIMScheduler() defaults; class_labels [1], 2 steps -> 16x16 image."""
+    one 64-channel level: VAE factor 1) and DDIMScheduler(clip_sample=False); class_labels [1], 2 steps -> 16x16."""
     from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
 
     torch.manual_seed(0)
@@ -126,7 +126,9 @@ def dit_folder(tmp) -> Path:
         out_channels=8, attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
         norm_type="ada_norm_zero", norm_elementwise_affine=False)
     vae = AutoencoderKL()
-    return _save(DiTPipeline(transformer=transformer.eval(), vae=vae.eval(), scheduler=DDIMScheduler()), tmp)
+    # clip_sample=False as in the real DiT folders (diffusers' conversion script); the test's DDIMScheduler() clips
+    return _save(DiTPipeline(transformer=transformer.eval(), vae=vae.eval(),
+                             scheduler=DDIMScheduler(clip_sample=False)), tmp)
 
 
 def sd3_folder(tmp, *, sd35: bool = False) -> Path:

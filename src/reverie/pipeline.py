@@ -353,17 +353,23 @@ class Pipeline:
                              f"{self.family.name} model")
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a finite number > 0; got {shift!r}")
-        return sampling_for(dataclasses.replace(self.schedule, shift=float(shift)))
+        # an explicit shift replaces dynamic shifting too (FLUX dev's mu from the image size)
+        return sampling_for(dataclasses.replace(self.schedule, shift=float(shift), use_dynamic_shifting=False))
 
-    def _sampler(self, sampler: str | None, scheduler: str | None):
-        """The SamplerChoice for a name; None: the scheduler the model's folder names, with its flags."""
+    def sampler_choice(self, sampler: str | None = None, scheduler: str | None = None):
+        """The SamplerChoice a call runs for a sampler name (and schedule type), as this model's family runs it;
+        sampler None: the scheduler the model's folder names, with its flags. Raises ValueError for unknown names
+        (whether the sampler suits the model's schedule kind is checked by the call)."""
         if sampler is not None:
-            return resolve(sampler, scheduler)
+            return self.family.sampler_choice(resolve(sampler, scheduler))
         config = {k: v for k, v in self.scheduler_config.items() if not k.startswith("_")}
         choice = resolve(self.scheduler_config.get("_class_name", "DDIMScheduler"), **config)
-        if scheduler is None:
-            return choice
-        return dataclasses.replace(choice, schedule=resolve(choice.name, scheduler).schedule)
+        # the model's schedule was built from this same config: its flags (shift, ...) are already in it, and a
+        # call's shift= must win over them
+        choice = dataclasses.replace(choice, flow_config={})
+        if scheduler is not None:
+            choice = dataclasses.replace(choice, schedule=resolve(choice.name, scheduler).schedule)
+        return self.family.sampler_choice(choice)
 
     def __call__(self, prompt, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
                  sampler: str | None = None, width: int | None = None, height: int | None = None, seed=None,
@@ -392,7 +398,7 @@ class Pipeline:
         "latent nothing").
 
         shift (flow models): the schedule's shift for this call (ComfyUI's ModelSamplingSD3), instead of the
-        model's. Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
+        model's (and instead of dynamic shifting, for FLUX dev). Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
         skip_layer_guidance_scale / _start / _stop; FLUX max_sequence_length, prompt_2, true_cfg_scale."""
         family = self.family
         options = family.check_options(options)
@@ -414,7 +420,7 @@ class Pipeline:
         width, height = self._size(width, height, source)
         use_cfg, cfg_scale = family.guidance(guidance_scale, negative_prompt is not None, options, len(prompts),
                                              num_images)
-        choice = family.sampler_choice(self._sampler(sampler, scheduler))
+        choice = self.sampler_choice(sampler, scheduler)
         sampling = self._sampling(shift)
         sampling.check(choice, sampler)
 
@@ -457,7 +463,7 @@ class Pipeline:
                       guidance_rescale=guidance_rescale, sampler=choice.name, schedule=choice.schedule,
                       sampler_options=choice.options, width=width, height=height, seeds=seeds,
                       clip_skip=clip_skip, model=self.name)
-        params |= family.describe(self, options, sigmas=sigmas)
+        params |= family.describe(self, options, sigmas=sigmas, mu=mu if sampling.schedule is self.schedule else None)
         if shift is not None:
             params["shift"] = float(shift)
         params |= control.describe(controls, guess_mode)

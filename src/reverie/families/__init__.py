@@ -121,7 +121,7 @@ class Family:
         """The dynamic shift of a flow schedule for this latent size (None: the schedule's static shift)."""
         return None
 
-    def describe(self, pipe, options: dict, sigmas=None) -> dict:
+    def describe(self, pipe, options: dict, sigmas=None, mu=None) -> dict:
         """What the family adds to GenerationResult.params."""
         return {"family": self.name}
 

@@ -91,7 +91,7 @@ class DiT(Family):
 
         return call
 
-    def describe(self, pipe, options, sigmas=None) -> dict:
+    def describe(self, pipe, options, sigmas=None, mu=None) -> dict:
         return {"family": self.name}
 
 

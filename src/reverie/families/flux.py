@@ -117,9 +117,12 @@ class Flux(Family):
     def mu(self, pipe, shape):
         return pipe.schedule.mu((shape[-2] // 2) * (shape[-1] // 2))  # image tokens; unused without dynamic shift
 
-    def describe(self, pipe, options, sigmas=None) -> dict:
-        out = {"family": self.name, "shift": pipe.schedule.shift,
-               "variant": "dev" if pipe.transformer.config.guidance_embeds else "schnell"}
+    def describe(self, pipe, options, sigmas=None, mu=None) -> dict:
+        out = {"family": self.name, "variant": "dev" if pipe.transformer.config.guidance_embeds else "schnell"}
+        if pipe.schedule.use_dynamic_shifting:  # the shift comes from the image size: mu, as FluxPipeline
+            out["mu"] = mu
+        else:
+            out["shift"] = pipe.schedule.shift
         if pipe.transformer.config.guidance_embeds:
             out["distilled_guidance"] = options.get("guidance_scale")
         for key in ("max_sequence_length", "true_cfg_scale"):

@@ -96,9 +96,10 @@ class SD3(Family):
         return SkipLayerGuidance(guided, {"skip_layers": list(layers)}, options.get("skip_layer_guidance_scale", 2.8),
                                  active)
 
-    def describe(self, pipe, options, sigmas=None) -> dict:
+    def describe(self, pipe, options, sigmas=None, mu=None) -> dict:
         out = {"family": self.name, "shift": pipe.schedule.shift}
-        for key in ("max_sequence_length", "skip_guidance_layers"):
+        for key in ("max_sequence_length", "skip_guidance_layers", "skip_layer_guidance_scale",
+                    "skip_layer_guidance_start", "skip_layer_guidance_stop"):
             if key in options:
                 out[key] = options[key]
         return out

@@ -48,13 +48,13 @@ def sampler_choice(pipe, sampler: str | None, scheduler: str | None):
     checked against the model's schedule kind. Raises FieldError naming sampler or scheduler."""
     own = f"this model's own scheduler ({pipe.scheduler_config.get('_class_name', 'DDIMScheduler')})"
     try:
-        pipe._sampler(sampler, None)
+        pipe.sampler_choice(sampler, None)
     except ValueError as e:
         hint = "" if sampler is not None else f"; give a sampler: {', '.join(allowed_samplers(pipe.sampling.kind))}"
         raise FieldError("sampler", (_message(e, "sampler") if sampler is not None else
                                      f"{own} cannot be used: {e}") + hint) from None
     try:
-        choice = pipe.family.sampler_choice(pipe._sampler(sampler, scheduler))
+        choice = pipe.sampler_choice(sampler, scheduler)
     except ValueError as e:
         raise FieldError("scheduler", _message(e, "scheduler")) from None
     kind = pipe.sampling.kind
