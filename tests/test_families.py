@@ -268,3 +268,28 @@ def test_vae_option_replaces_the_folders_vae(which, dit, sd3, tmp_path):
     pipe = Pipeline.from_pretrained(path, vae=tmp_path / "vae")
     assert all(torch.equal(a, b) for a, b in zip(pipe.vae.state_dict().values(), other.state_dict().values()))
     assert not torch.equal(next(pipe.vae.parameters()), next(ours.vae.parameters()))
+
+
+def test_fp8_transformer_folder_stays_fp8_and_equals_its_upcast_weights(flux, tmp_path):
+    """A folder whose transformer is stored float8_e4m3fn loads with fp8 weights (per-layer upcast) and gives the
+    images of the same weights upcast to bf16 up front."""
+    import shutil
+
+    from reverie.formats import load_weights, save_safetensors
+    from reverie.models.quant import FP8_DTYPES, Fp8Linear, quantize_fp8
+
+    _, ours, path = flux
+    fp8, upcast = tmp_path / "fp8", tmp_path / "upcast"
+    for folder in (fp8, upcast):
+        shutil.copytree(path, folder)
+    weights = quantize_fp8(Pipeline.from_pretrained(path).transformer)
+    save_safetensors(weights, fp8 / "transformer" / "diffusion_pytorch_model.safetensors")
+    save_safetensors({k: v.to(torch.bfloat16) for k, v in weights.items()},
+                     upcast / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(v.dtype in FP8_DTYPES for v in load_weights(fp8 / "transformer").values())
+    kwargs = dict(steps=2, seed=0, width=8, height=8, max_sequence_length=48, progress=False)
+    stored = Pipeline.from_pretrained(fp8, dtype=torch.bfloat16)
+    assert any(isinstance(m, Fp8Linear) for m in stored.transformer.modules())
+    assert any(p.dtype in FP8_DTYPES for p in stored.transformer.parameters())
+    reference = Pipeline.from_pretrained(upcast, dtype=torch.bfloat16)
+    assert np.array_equal(pixels(stored(PROMPTS, **kwargs).images), pixels(reference(PROMPTS, **kwargs).images))

@@ -141,8 +141,8 @@ def test_sd3_all_in_one_file_matches_diffusers_from_single_file(sd3, tmp_path):
 
 
 def test_sd3_fp8_file(sd3, tmp_path):
-    """An fp8 transformer (ComfyUI's plain casts) is upcast to float32 as it loads, or kept in fp8 by
-    reverie.models.quant when the compute dtype is given."""
+    """An fp8 transformer (ComfyUI's plain casts) stays fp8 in a pipeline (each layer upcasts to the pipeline's
+    dtype for its call: reverie.models.quant), with the weights the file rounded to."""
     from reverie import families
     from reverie.single_files import load_transformer_single_file
 
@@ -153,9 +153,12 @@ def test_sd3_fp8_file(sd3, tmp_path):
     ours = Pipeline.from_pretrained(file, config=folder)
     rounded = {k: v.to(torch.float8_e4m3fn).float() if v.ndim == 2 else v
                for k, v in ref.transformer.state_dict().items()}
-    assert all(torch.equal(v, rounded[k]) for k, v in ours.transformer.state_dict().items())
+    assert all(torch.equal(v.float(), rounded[k]) for k, v in ours.transformer.state_dict().items())
+    assert any(v.dtype == torch.float8_e4m3fn for v in ours.transformer.state_dict().values())
     images(ours, flux=False)  # runs
     quant = pytest.importorskip("reverie.models.quant")
+    plain, _ = load_transformer_single_file(file, families.get("sd3"), config=folder)  # float32 compute
+    assert all(torch.equal(v.float(), rounded[k]) for k, v in plain["transformer"].state_dict().items())
     components, _ = load_transformer_single_file(file, families.get("sd3"), config=folder, dtype=torch.bfloat16)
     layers = [m for m in components["transformer"].modules() if isinstance(m, quant.Fp8Linear)]
     assert layers and all(m.weight.dtype == torch.float8_e4m3fn for m in layers)

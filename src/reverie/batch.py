@@ -24,13 +24,14 @@ from .metadata import image_params, read_png_info, save_png
 MAX_SEED = 2**32 - 1
 MANIFEST = "manifest.jsonl"
 FIELDS = {  # field -> (allowed types, may be None)
-    "prompt": ((str,), False), "negative_prompt": ((str,), True), "seed": ((int,), True), "steps": ((int,), False),
-    "guidance_scale": ((int, float), False), "guidance_rescale": ((int, float), False), "sampler": ((str,), False),
+    "prompt": ((str,), False), "negative_prompt": ((str,), True), "seed": ((int,), True), "steps": ((int,), True),
+    "guidance_scale": ((int, float), True), "guidance_rescale": ((int, float), False), "sampler": ((str,), True),
     "scheduler": ((str,), True), "width": ((int,), True), "height": ((int,), True), "clip_skip": ((int,), True),
     "n": ((int,), False),
 }
-DEFAULTS = {"negative_prompt": None, "seed": None, "steps": 30, "guidance_scale": 7.5, "guidance_rescale": 0.0,
-            "sampler": "dpmpp_2m", "scheduler": None, "width": None, "height": None, "clip_skip": None, "n": 1}
+# steps, guidance_scale and sampler None: the model family's defaults (SD: 30, 7.5, dpmpp_2m; see reverie.families)
+DEFAULTS = {"negative_prompt": None, "seed": None, "steps": None, "guidance_scale": None, "guidance_rescale": 0.0,
+            "sampler": None, "scheduler": None, "width": None, "height": None, "clip_skip": None, "n": 1}
 # what must agree for images to share a forward pass
 SHARED = ("width", "height", "steps", "sampler", "scheduler", "guidance_scale", "guidance_rescale", "clip_skip")
 _OUTPUT = re.compile(r"^\d{5,}-\d+\.png$")
@@ -130,7 +131,8 @@ def chunks(jobs: list[Job], batch_size: int) -> list[list[Job]]:
 
 def _generate(pipe, chunk: list[Job]):
     r = chunk[0].request
-    return pipe([j.request["prompt"] for j in chunk], negative_prompt=[j.request["negative_prompt"] or "" for j in chunk],
+    negatives = [j.request["negative_prompt"] or "" for j in chunk]  # "" is CFG's default negative
+    return pipe([j.request["prompt"] for j in chunk], negative_prompt=negatives if any(negatives) else None,
                 steps=r["steps"], guidance_scale=r["guidance_scale"], guidance_rescale=r["guidance_rescale"],
                 sampler=r["sampler"], scheduler=r["scheduler"], width=r["width"], height=r["height"],
                 clip_skip=r["clip_skip"], seed=[j.seed for j in chunk], progress=False)

@@ -26,21 +26,30 @@ SD_SCHEDULER = {  # what SD 1.x/2.x single files imply; prediction_type can be o
 }
 
 
-def _build(cls, config: dict, state_dict: dict, name: str):
+def _build(cls, config: dict, state_dict: dict, name: str, compute_dtype=None):
     """Instantiate without random init (meta device), then load every weight strictly (reverie's UNet and VAE
-    have no buffers outside their state dict, so nothing is left uninitialised)."""
+    have no buffers outside their state dict, so nothing is left uninitialised). fp8 weights (float8_e4m3fn
+    files) stay fp8 and each layer upcasts to `compute_dtype` (default float32, the dtype everything else loads
+    in; a Pipeline then sets its own) for its call (reverie.models.quant): a FLUX-size transformer needs half
+    its bf16 memory."""
     with torch.device("meta"):
         module = cls.from_config(config)
+    from .models import quant
+
+    if quant.is_fp8_state_dict(state_dict):
+        return quant.store_fp8(module, state_dict, compute_dtype=compute_dtype or torch.float32, device="cpu",
+                               name=name)
     module.to_empty(device="cpu")
     load_state_dict_strict(module, state_dict, name=name)
     return module
 
 
-def load_network(cls, folder: Path, *, variant: str | None = None, allow_pickle: bool = False):
+def load_network(cls, folder: Path, *, variant: str | None = None, allow_pickle: bool = False, dtype=None):
     """A diffusers model folder (config.json + weights, sharded or not, optionally a variant such as "fp16") as
-    reverie's `cls`, loaded strictly."""
+    reverie's `cls`, loaded strictly; fp8 weights stay fp8, computing in `dtype` (see _build)."""
     folder = Path(folder)
-    return _build(cls, read_config(folder), load_weights(folder, variant, allow_pickle=allow_pickle), folder.name)
+    return _build(cls, read_config(folder), load_weights(folder, variant, allow_pickle=allow_pickle), folder.name,
+                  compute_dtype=dtype)
 
 
 def save_network(module, folder: Path, *, dtype=None) -> Path:
@@ -232,12 +241,12 @@ def load_text_encoder(text_encoder_dir: Path, tokenizer_dir: Path):
 
 
 def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, ...], *, variant=None,
-                            allow_pickle: bool = False, vae=None, **_):
+                            allow_pickle: bool = False, vae=None, dtype=None, **_):
     """(components, scheduler config) of an SD3 or FLUX diffusers folder. A text encoder that model_index.json
     lists as [null, null] (SD3 without T5) is None. vae: a VAE file or folder to use instead of the folder's."""
     index = read_model_index(path)
     components = {"transformer": load_network(network_cls, path / "transformer", variant=variant,
-                                              allow_pickle=allow_pickle),
+                                              allow_pickle=allow_pickle, dtype=dtype),
                   "vae": load_network(AutoencoderKL, path / "vae", variant=variant, allow_pickle=allow_pickle)}
     for name in text_encoders:
         spec = index.get(name)

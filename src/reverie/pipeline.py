@@ -123,10 +123,12 @@ class Pipeline:
         # the VAE asks for float32 when fp16 overflows it (diffusers' force_upcast; SD's VAE does)
         vae = self.components["vae"]
         self.vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.force_upcast else dtype
+        from .models.quant import to_keeping_fp8
+
         for key, module in self.components.items():
-            if isinstance(module, torch.nn.Module):
+            if isinstance(module, torch.nn.Module):  # fp8-stored weights stay fp8 (reverie.models.quant)
                 module_dtype = self.vae_dtype if key == "vae" else dtype
-                module.to("cpu" if offload else self.device, module_dtype).eval().requires_grad_(False)
+                to_keeping_fp8(module, "cpu" if offload else self.device, module_dtype).eval().requires_grad_(False)
 
     # --- loading and saving -------------------------------------------------------------------------
 
@@ -151,7 +153,7 @@ class Pipeline:
         path = Path(path)
         if not path.exists():
             raise ValueError(f"path does not exist: {path}")
-        options = dict(options, allow_pickle=allow_pickle, tokenizer=tokenizer)
+        options = dict(options, allow_pickle=allow_pickle, tokenizer=tokenizer, dtype=dtype)
         if path.is_dir():
             family = families.family_of_folder(path)
             components, scheduler_config = family.load_folder(path, **options)

@@ -301,17 +301,8 @@ def _field(config, name: str):
 
 
 def _network(cls, config: dict, state: dict, dtype):
-    """Built and loaded strictly; an fp8 state dict stays fp8 when the compute dtype is known (quant.store_fp8),
-    else it is upcast to float32 like fp16 / bf16 ones (the strict load casts to the module's dtype)."""
-    try:
-        from .models import quant
-    except ImportError:  # reverie without fp8 storage: upcast
-        quant = None
-    if quant is not None and dtype is not None and quant.is_fp8_state_dict(state):
-        with torch.device("meta"):
-            module = cls.from_config(config)
-        return quant.store_fp8(module, state, compute_dtype=dtype, device="cpu", name="transformer")
-    return _build(cls, config, state, "transformer")
+    """Built and loaded strictly; an fp8 state dict stays fp8, each layer computing in `dtype` (loading._build)."""
+    return _build(cls, config, state, "transformer", compute_dtype=dtype)
 
 
 def _scheduler_config(family, weights: dict, config: Path | None) -> dict:

@@ -38,7 +38,7 @@ class Family:
         """(components, scheduler config) from a diffusers folder."""
         raise NotImplementedError
 
-    def load_single_file(self, path: Path, state_dict: dict, **options) -> tuple[dict, dict]:
+    def load_single_file(self, path: Path, **options) -> tuple[dict, dict]:
         raise ValueError(f"{self.name}: single-file checkpoints are not supported for this family; give a "
                          f"diffusers folder")
 
