@@ -121,3 +121,26 @@ def test_cost_command(capsys, tmp_path):
                         (["--steps", "5,x", "--gpu", "A", "--eval-ms", "1", "--fixed-ms", "1"], "--steps")]:
         assert main(["cost", *argv]) == 2
         assert field in capsys.readouterr().err
+
+
+def test_flow_models_count_their_evaluations_and_calibrate(tmp_path):
+    """cost works for flow models: evaluations of the flow samplers (Heun: 2 per step but the last), calibration
+    hooks the transformer, and the default table lists the flow-capable samplers only."""
+    pytest.importorskip("diffusers")
+    from tiny_families import sd3_folder
+
+    from reverie import cost
+    from reverie.flow import FlowSchedule
+
+    schedule = FlowSchedule(shift=3.0)
+    assert cost.count_evaluations("euler", 10, schedule) == 10
+    assert cost.count_evaluations("heun", 10, schedule) == 19
+    assert cost.count_evaluations("DPM++ 2M", 10, schedule) == 10
+    with pytest.raises(ValueError, match="ddim"):
+        cost.count_evaluations("ddim", 10, schedule)
+    folder = sd3_folder(tmp_path / "sd3")
+    assert isinstance(cost.schedule_of(folder), FlowSchedule)
+    calibration = cost.calibrate(Pipeline.from_pretrained(folder), steps=(1, 2), repeats=1, width=32, height=32)
+    rows = cost.table(calibration, cost.schedule_of(folder), steps=[4])
+    assert {r["sampler"] for r in rows} >= {"euler_flow", "heun_flow", "dpmpp_2m"} and "ddim" not in {r["sampler"]
+                                                                                                        for r in rows}

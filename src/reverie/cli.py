@@ -194,8 +194,8 @@ def _cost(args) -> None:
     from . import cost
     from .samplers import resolve
 
-    samplers = cost.parse_list(args.samplers, "--samplers") if args.samplers else cost.ddpm_samplers()
-    for sampler in samplers:
+    samplers = cost.parse_list(args.samplers, "--samplers") if args.samplers else None  # None: the model's kind
+    for sampler in samplers or []:
         resolve(sampler)
     steps = cost.parse_list(args.steps, "--steps", int)
     path, pipe = model_path(args.model), None

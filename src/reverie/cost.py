@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .schedules import DiscreteSchedule
 from .samplers import SAMPLERS, resolve
 
 STEPS = (5, 10, 20, 30, 50)
@@ -74,30 +75,48 @@ class Calibration:
 
 
 def count_evaluations(sampler: str, steps: int, schedule, scheduler: str | None = None) -> int:
-    """Denoiser calls `sampler` makes in `steps` steps on `schedule` (a DiscreteSchedule), counted by running it
-    on the closed-form denoiser of N(0, 1) data, E[x0 | x] = x / (1 + sigma^2)."""
+    """Denoiser calls `sampler` makes in `steps` steps on `schedule` (a DiscreteSchedule or a flow model's
+    FlowSchedule), counted by running it on the closed-form denoiser of N(0, 1) data: E[x0 | x] = x / (1 + sigma^2)
+    for x = x0 + sigma eps, and (1 - t) x / ((1 - t)^2 + t^2) for the flow x = (1 - t) x0 + t eps."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1; got {steps!r}")
     choice = resolve(sampler, scheduler)
-    if choice.family == "flow":
+    flow = not isinstance(schedule, DiscreteSchedule)
+    if not flow and choice.family == "flow":
         raise ValueError(f"sampler {sampler!r} is for flow-matching models; this model is a DDPM model")
-    sigmas = schedule.sampling_sigmas(steps, choice.schedule, choice.family)
+    sigmas = schedule.sigmas_for(choice, steps) if flow else schedule.sampling_sigmas(steps, choice.schedule,
+                                                                                       choice.family)
     calls = 0
 
     def denoiser(x, sigma):
         nonlocal calls
         calls += 1
-        return x / (1 + sigma.reshape(-1, *[1] * (x.ndim - 1)) ** 2)
+        s = sigma.reshape(-1, *[1] * (x.ndim - 1))
+        return (1 - s) * x / ((1 - s) ** 2 + s**2) if flow else x / (1 + s**2)
 
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn((1, 1, 2, 2), generator=generator, dtype=torch.float64) * sigmas[0].item()
-    choice(denoiser, x, sigmas.double(), generator=generator)
+    x = torch.randn((1, 1, 2, 2), generator=generator, dtype=torch.float64)
+    if flow:
+        from .flow import sample
+
+        sample(choice, denoiser, x, sigmas.double(), generator=generator)
+    else:
+        choice(denoiser, x * sigmas[0].item(), sigmas.double(), generator=generator)
     return calls
 
 
 def ddpm_samplers() -> list[str]:
     """reverie's samplers for DDPM-style (not flow-matching) models."""
     return [name for name, fn in SAMPLERS.items() if fn.family != "flow"]
+
+
+def samplers_for(schedule) -> list[str]:
+    """reverie's samplers that run on a model with this schedule (DDPM or flow)."""
+    if isinstance(schedule, DiscreteSchedule):
+        return ddpm_samplers()
+    from .flow import flow_samplers
+
+    return flow_samplers()
 
 
 def machine_name(device) -> str:
@@ -111,7 +130,7 @@ def calibrate(pipe, *, batch_size: int = 1, width: int | None = None, height: in
               guidance_scale: float = 7.5, steps: tuple[int, int] = (2, 10), repeats: int = 3,
               clock=time.perf_counter, prompt: str = "a red circle above a blue square") -> Calibration:
     """Measure eval_s and fixed_s on `pipe`: euler at steps[0] and steps[1] (after one warm-up run), the median of
-    `repeats` timings each, network forwards counted by a hook on pipe.unet. clock() -> seconds (inject a fake
+    `repeats` timings each, network forwards counted by a hook on pipe.network (the UNet or transformer). clock() -> seconds (inject a fake
     one to test); CUDA work is synchronised before each reading."""
     lo, hi = steps
     if not (isinstance(lo, int) and isinstance(hi, int) and 1 <= lo < hi):
@@ -137,7 +156,7 @@ def calibrate(pipe, *, batch_size: int = 1, width: int | None = None, height: in
         sync()
         return clock() - start, forwards
 
-    hook = pipe.unet.register_forward_pre_hook(count)
+    hook = pipe.network.register_forward_pre_hook(count)
     try:
         timed(lo)  # warm-up: first-call allocations and caches
         runs = {n: [timed(n) for _ in range(repeats)] for n in (lo, hi)}
@@ -163,7 +182,7 @@ def table(calibration: Calibration, schedule, samplers=None, steps=STEPS, price_
                                        or not math.isfinite(price_per_hour) or price_per_hour <= 0):
         raise ValueError(f"price_per_hour must be a finite number > 0; got {price_per_hour!r}")
     rows = []
-    for sampler in samplers or ddpm_samplers():
+    for sampler in samplers or samplers_for(schedule):
         for n in steps:
             evaluations = count_evaluations(sampler, n, schedule)
             latency = calibration.latency(evaluations)
@@ -203,14 +222,25 @@ def check(pipe, calibration: Calibration, schedule, sampler: str = "heun", steps
 
 
 def schedule_of(path):
-    """The DiscreteSchedule of a model (from its scheduler config; no weights are read)."""
+    """The schedule of a model (DiscreteSchedule, or FlowSchedule for SD3 / FLUX) from its scheduler config; no
+    weights are read. Single files: SD 1/2's implied schedule, or the flow one their keys imply."""
+    from . import families
+    from .formats import read_safetensors_header
     from .formats.folder import read_json
     from .loading import SD_SCHEDULER
-    from .schedules import DiscreteSchedule
 
     path = Path(path)
-    config = read_json(path / "scheduler" / "scheduler_config.json") if path.is_dir() else dict(SD_SCHEDULER)
-    return DiscreteSchedule.from_config(config)
+    if path.is_dir():
+        return families.family_of_folder(path).schedule(read_json(path / "scheduler" / "scheduler_config.json"))
+    family = families.family_of_checkpoint(dict.fromkeys(read_safetensors_header(path))) \
+        if path.suffix == ".safetensors" else families.get("sd")
+    if family.schedule_kind == "vp":
+        return family.schedule(dict(SD_SCHEDULER))
+    from .single_files import default_scheduler_config
+
+    header = read_safetensors_header(path)
+    shapes = {k: torch.empty(e["shape"], device="meta") for k, e in header.items() if k != "__metadata__"}
+    return family.schedule(default_scheduler_config(family, shapes))
 
 
 def parse_list(text: str, name: str, kind=str) -> list:

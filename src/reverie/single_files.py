@@ -308,6 +308,12 @@ def _network(cls, config: dict, state: dict, dtype):
 def _scheduler_config(family, weights: dict, config: Path | None) -> dict:
     if config is not None and (config / "scheduler" / "scheduler_config.json").is_file():
         return read_json(config / "scheduler" / "scheduler_config.json")
+    return default_scheduler_config(family, weights)
+
+
+def default_scheduler_config(family, weights: dict) -> dict:
+    """The scheduler config a single file implies (SCHEDULERS): SD3's, or FLUX dev's or schnell's by its keys
+    (weights: the file's tensors, or meta tensors of their shapes)."""
     if family.name == "sd3":
         return dict(SCHEDULERS["sd3"])
     from .formats.flux_single_file import flux_variant
