@@ -293,3 +293,24 @@ def test_fp8_transformer_folder_stays_fp8_and_equals_its_upcast_weights(flux, tm
     assert any(p.dtype in FP8_DTYPES for p in stored.transformer.parameters())
     reference = Pipeline.from_pretrained(upcast, dtype=torch.bfloat16)
     assert np.array_equal(pixels(stored(PROMPTS, **kwargs).images), pixels(reference(PROMPTS, **kwargs).images))
+
+
+def test_dit_label_names_from_id2label(dit, tmp_path):
+    """Label names (any comma-separated name of the folder's id2label) give the images of their class ids."""
+    import json
+    import shutil
+
+    _, _, path = dit
+    shutil.copytree(path, tmp_path / "dit")
+    index = json.loads((tmp_path / "dit" / "model_index.json").read_text())
+    index["id2label"] = {"1": "goldfish, Carassius auratus", "7": "cock"}
+    (tmp_path / "dit" / "model_index.json").write_text(json.dumps(index))
+    pipe = Pipeline.from_pretrained(tmp_path / "dit")
+    assert pipe.labels == {"Carassius auratus": 1, "cock": 7, "goldfish": 1}
+    by_name = pipe(["goldfish", "cock", "Carassius auratus"], steps=2, sampler="ddim", seed=[0, 1, 2], progress=False)
+    by_id = pipe([1, 7, 1], steps=2, sampler="ddim", seed=[0, 1, 2], progress=False)
+    assert np.array_equal(pixels(by_name.images), pixels(by_id.images))
+    with pytest.raises(ValueError, match="gold"):  # a near miss lists candidates
+        pipe(["gold"], steps=1, sampler="ddim", progress=False)
+    pipe.save_pretrained(tmp_path / "saved")
+    assert Pipeline.from_pretrained(tmp_path / "saved").labels == pipe.labels
