@@ -7,8 +7,9 @@ latent layout (channels, the VAE factor times the patch size) and the schedule k
 one generation path in reverie.pipeline does the rest — guidance with negatives, img2img, inpainting, the
 sampler, decoding, safety and metadata — for every family, and a family that cannot do something says so.
 
-    family_of(path)        which family a diffusers folder or a single file holds
-    FAMILIES[name]         the family objects
+    family_of_folder(path)            the family of a diffusers folder (model_index.json's pipeline class)
+    family_of_checkpoint(state_dict)  the family of a single file (its key names)
+    get(name)                         a family by name: "sd", "dit", "sd3", "flux"
 """
 
 from __future__ import annotations
