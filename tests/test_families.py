@@ -314,3 +314,18 @@ def test_dit_label_names_from_id2label(dit, tmp_path):
         pipe(["gold"], steps=1, sampler="ddim", progress=False)
     pipe.save_pretrained(tmp_path / "saved")
     assert Pipeline.from_pretrained(tmp_path / "saved").labels == pipe.labels
+
+
+@pytest.mark.parametrize("which", ["sd3", "flux"])
+def test_variant_folders_load(which, sd3, flux, tmp_path):
+    """A folder diffusers saved with variant="fp16" (every component's weights as *.fp16.safetensors) opens with
+    variant="fp16" and gives the same images."""
+    theirs, ours, _ = {"sd3": sd3, "flux": flux}[which]
+    theirs.save_pretrained(tmp_path / which, variant="fp16")
+    assert (tmp_path / which / "text_encoder" / "model.fp16.safetensors").is_file()
+    with pytest.raises(ValueError):
+        Pipeline.from_pretrained(tmp_path / which)  # no plain weights: the variant must be asked for
+    pipe = Pipeline.from_pretrained(tmp_path / which, variant="fp16")
+    size = dict(width=8, height=8, max_sequence_length=48) if which == "flux" else dict(width=32, height=32)
+    a, b = (p("a cat", steps=2, seed=0, progress=False, **size) for p in (ours, pipe))
+    assert np.array_equal(pixels(a.images), pixels(b.images))

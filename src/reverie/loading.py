@@ -229,15 +229,15 @@ def _tokenizer_dir(path: Path, name: str) -> Path:
     return path / name.replace("text_encoder", "tokenizer")  # text_encoder_2 -> tokenizer_2
 
 
-def load_text_encoder(text_encoder_dir: Path, tokenizer_dir: Path):
+def load_text_encoder(text_encoder_dir: Path, tokenizer_dir: Path, *, variant: str | None = None):
     """A text encoder folder as reverie's wrapper: CLIP (with or without projection) or T5, by its config."""
     from .models.t5 import T5Encoder
     from .models.text import text_encoder_from_folder
 
-    architectures = read_config(text_encoder_dir).get("architectures") or []
-    if any(a.startswith("T5") for a in architectures) or read_config(text_encoder_dir).get("model_type") == "t5":
-        return T5Encoder.from_pretrained(text_encoder_dir, tokenizer_dir)
-    return text_encoder_from_folder(text_encoder_dir, tokenizer_dir)
+    config = read_config(text_encoder_dir)
+    if any(a.startswith("T5") for a in config.get("architectures") or []) or config.get("model_type") == "t5":
+        return T5Encoder.from_pretrained(text_encoder_dir, tokenizer_dir, variant=variant)
+    return text_encoder_from_folder(text_encoder_dir, tokenizer_dir, variant=variant)
 
 
 def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, ...], *, variant=None,
@@ -251,7 +251,8 @@ def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, .
     for name in text_encoders:
         spec = index.get(name)
         present = isinstance(spec, list) and spec[-1] is not None and (path / name).is_dir()
-        components[name] = load_text_encoder(path / name, _tokenizer_dir(path, name)) if present else None
+        components[name] = load_text_encoder(path / name, _tokenizer_dir(path, name), variant=variant) \
+            if present else None
     if vae is not None:
         from .single_files import replace_vae
 

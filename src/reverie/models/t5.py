@@ -45,14 +45,17 @@ class T5Encoder(nn.Module):
     # ---------------------------------------------------------------- construction and saving
 
     @classmethod
-    def from_pretrained(cls, text_encoder_dir, tokenizer_dir, *, device=None, dtype=None) -> T5Encoder:
+    def from_pretrained(cls, text_encoder_dir, tokenizer_dir, *, device=None, dtype=None, variant=None) -> T5Encoder:
         """Load diffusers' `text_encoder_3/` (SD3) or `text_encoder_2/` (FLUX) folder and its tokenizer folder,
         offline: config.json + model.safetensors (or sharded, with model.safetensors.index.json); pickled .bin
         weights are never loaded. The tokenizer folder is what transformers saves (tokenizer_config.json).
-        dtype=None loads in torch's default dtype (float32), whatever the checkpoint stores."""
+        dtype=None loads in torch's default dtype (float32), whatever the checkpoint stores. variant: "fp16" /
+        "bf16" weights (model.fp16.safetensors)."""
+        from .text import _variant_names
+
         text_encoder_dir, tokenizer_dir = Path(text_encoder_dir), Path(tokenizer_dir)
         config_path = text_encoder_dir / "config.json"
-        weights = [text_encoder_dir / n for n in ("model.safetensors", "model.safetensors.index.json")]
+        weights = [text_encoder_dir / n for n in _variant_names(variant)]
         if not config_path.is_file() or not any(w.is_file() for w in weights):
             raise ValueError(f"text_encoder_dir must hold config.json and model.safetensors (or a sharded "
                              f"model.safetensors.index.json; pickled .bin weights are never loaded), got "
@@ -66,7 +69,7 @@ class T5Encoder(nn.Module):
                              f"got {str(tokenizer_dir)!r}")
         # transformers 5 loads in the checkpoint's dtype when given none: ask for the default one explicitly
         text_model = T5EncoderModel.from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
-                                                    dtype=dtype or torch.get_default_dtype())
+                                                    dtype=dtype or torch.get_default_dtype(), variant=variant)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
         return cls(text_model.eval(), tokenizer).to(device)
 

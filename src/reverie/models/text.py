@@ -271,7 +271,13 @@ class TextEncoder(nn.Module):
         return states, pooled
 
 
-def text_encoder_from_folder(text_encoder_dir, tokenizer_dir, *, dtype=None) -> TextEncoder:
+def _variant_names(variant: str | None) -> tuple[str, str]:
+    """The weight file names transformers looks for: model[.variant].safetensors and its sharded index."""
+    infix = f".{variant}" if variant else ""
+    return f"model{infix}.safetensors", f"model{infix}.safetensors.index.json"
+
+
+def text_encoder_from_folder(text_encoder_dir, tokenizer_dir, *, dtype=None, variant=None) -> TextEncoder:
     """A TextEncoder from diffusers' `text_encoder*/` (config.json + model.safetensors, or sharded
     model-0000x-of-0000n.safetensors with model.safetensors.index.json) and `tokenizer*/` folders, offline.
 
@@ -279,11 +285,11 @@ def text_encoder_from_folder(text_encoder_dir, tokenizer_dir, *, dtype=None) -> 
     (SDXL's text_encoder_2, SD3's text_encoder and text_encoder_2) from CLIPTextModel; a config without
     `architectures` falls back on `model_type`. Weights are read from safetensors only (never unpickled). The
     tokenizer folder may hold anything `load_tokenizer` opens. dtype=None loads in torch's default dtype
-    (float32), whatever the checkpoint stores.
+    (float32), whatever the checkpoint stores. variant: "fp16" / "bf16" weights (model.fp16.safetensors).
     """
     text_encoder_dir = Path(text_encoder_dir)
     config_path = text_encoder_dir / "config.json"
-    weights = [text_encoder_dir / n for n in ("model.safetensors", "model.safetensors.index.json")]
+    weights = [text_encoder_dir / n for n in _variant_names(variant)]
     if not config_path.is_file() or not any(w.is_file() for w in weights):
         raise ValueError(f"text_encoder_dir must hold config.json and model.safetensors (or a sharded "
                          f"model.safetensors.index.json; pickled .bin weights are never loaded), got "
@@ -291,7 +297,7 @@ def text_encoder_from_folder(text_encoder_dir, tokenizer_dir, *, dtype=None) -> 
     model_class = text_model_class(json.loads(config_path.read_text()))
     # transformers 5 loads in the checkpoint's dtype when given none: ask for the default one explicitly
     text_model = model_class.from_pretrained(text_encoder_dir, local_files_only=True, use_safetensors=True,
-                                             dtype=dtype or torch.get_default_dtype())
+                                             dtype=dtype or torch.get_default_dtype(), variant=variant)
     tokenizer = load_tokenizer(tokenizer_dir, text_model.config.max_position_embeddings)
     return TextEncoder(text_model.eval(), tokenizer)
 
