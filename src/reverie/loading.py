@@ -241,12 +241,13 @@ def load_text_encoder(text_encoder_dir: Path, tokenizer_dir: Path, *, variant: s
 
 
 def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, ...], *, variant=None,
-                            allow_pickle: bool = False, vae=None, dtype=None, **_):
-    """(components, scheduler config) of an SD3 or FLUX diffusers folder. A text encoder that model_index.json
-    lists as [null, null] (SD3 without T5) is None. vae: a VAE file or folder to use instead of the folder's."""
+                            allow_pickle: bool = False, vae=None, dtype=None, network_dir: str = "transformer", **_):
+    """(components, scheduler config) of an SD3, FLUX or SDXL (network_dir="unet") diffusers folder. A text
+    encoder that model_index.json lists as [null, null] (SD3 without T5, the SDXL refiner's first) is None.
+    vae: a VAE file or folder to use instead of the folder's."""
     index = read_model_index(path)
-    components = {"transformer": load_network(network_cls, path / "transformer", variant=variant,
-                                              allow_pickle=allow_pickle, dtype=dtype),
+    components = {network_dir: load_network(network_cls, path / network_dir, variant=variant,
+                                            allow_pickle=allow_pickle, dtype=dtype),
                   "vae": load_network(AutoencoderKL, path / "vae", variant=variant, allow_pickle=allow_pickle)}
     for name in text_encoders:
         spec = index.get(name)
@@ -261,11 +262,13 @@ def load_transformer_folder(path: Path, network_cls, text_encoders: tuple[str, .
 
 
 def save_transformer_folder(pipe, path: Path, pipeline_class: str, transformer_class: str,
-                            text_encoders: tuple[str, ...], *, dtype=None) -> None:
-    """Write an SD3 or FLUX pipeline as a diffusers folder that its diffusers pipeline class opens."""
-    save_network(pipe.transformer, path / "transformer", dtype=dtype)
+                            text_encoders: tuple[str, ...], *, dtype=None, network_dir: str = "transformer",
+                            extra: dict | None = None) -> None:
+    """Write an SD3, FLUX or SDXL pipeline as a diffusers folder that its diffusers pipeline class opens (extra:
+    plain settings for model_index.json, e.g. SDXL's force_zeros_for_empty_prompt)."""
+    save_network(pipe.network, path / network_dir, dtype=dtype)
     save_network(pipe.vae, path / "vae", dtype=dtype)
-    entries = {"transformer": ("diffusers", transformer_class), "vae": ("diffusers", "AutoencoderKL")}
+    entries = {network_dir: ("diffusers", transformer_class), "vae": ("diffusers", "AutoencoderKL")}
     for name in text_encoders:
         encoder = pipe.components.get(name)
         tokenizer = name.replace("text_encoder", "tokenizer")
@@ -278,4 +281,4 @@ def save_transformer_folder(pipe, path: Path, pipeline_class: str, transformer_c
     (path / "scheduler").mkdir(parents=True, exist_ok=True)
     write_json(path / "scheduler" / "scheduler_config.json", pipe.scheduler_config)
     entries["scheduler"] = ("diffusers", pipe.scheduler_config.get("_class_name", "FlowMatchEulerDiscreteScheduler"))
-    write_model_index(path, entries, class_name=pipeline_class)
+    write_model_index(path, entries, class_name=pipeline_class, extra=extra)
