@@ -1,4 +1,5 @@
-"""Single-file Stable Diffusion 1.x/2.x checkpoints (original LDM key names) <-> diffusers component state dicts.
+"""Single-file Stable Diffusion 1.x/2.x checkpoints (original LDM key names) <-> diffusers component state dicts;
+SDXL UNets too (SGM's layout: the LDM names plus label_emb, the added embedding), but not SDXL's text encoders.
 
 LDM names come from CompVis' `ldm` code (Rombach et al. 2022: openaimodel.UNetModel, the KL autoencoder's
 Encoder/Decoder) and the text encoders it wraps (HF CLIPTextModel for SD 1.x, OpenCLIP ViT-H/14 for SD 2.x).
@@ -60,6 +61,8 @@ def unet_module_map(config: dict) -> dict[str, str]:
                          f"mid block, got {down}, {up}, {config.get('mid_block_type')}")
     m = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
          "time_embedding.linear_2": "time_embed.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    if config.get("addition_embed_type") == "text_time":  # SDXL: SGM's "adm" MLP on [pooled text, size ids]
+        m |= {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
     i = 1  # LDM's input_blocks: [conv_in, (resnet[, attention]) x lpb, downsample, ...]
     for b, kind in enumerate(down):
         for j in range(lpb):
@@ -183,11 +186,26 @@ def _unet_layout(u: dict) -> dict:
                           f"{downs}: not a UNet layout with a fixed number of layers per block")
     firsts = [1 + b * (lpb + 1) for b in range(n)]  # first resnet of each down block
     cross_attention_dim = _need(u, "middle_block.1.transformer_blocks.0.attn2.to_k.weight", UNET_PREFIX).shape[1]
-    depths = {len(_indices(u, f"{p}.transformer_blocks.")) for p in
-              ["middle_block.1"] + [f"input_blocks.{i + j}.1" for i in firsts for j in range(lpb)]} - {0}
-    if len(depths) != 1:
-        raise FormatError(f"LDM checkpoint: transformer depths {sorted(depths)} differ between blocks (not supported)")
-    return {
+    mid_depth = len(_indices(u, "middle_block.1.transformer_blocks."))
+    depths = []  # per down block; 0 where it has no attention
+    for i in firsts:
+        block = {len(_indices(u, f"input_blocks.{i + j}.1.transformer_blocks.")) for j in range(lpb)}
+        if len(block) != 1:
+            raise FormatError(f"LDM checkpoint: transformer depths {sorted(block)} differ within a block "
+                              f"(not supported)")
+        depths.append(block.pop())
+    if depths[-1] not in (0, mid_depth):
+        raise FormatError(f"LDM checkpoint: the last block's transformer depth {depths[-1]} differs from the mid "
+                          f"block's {mid_depth}; diffusers' config cannot express that")
+    if set(depths) - {0} <= {mid_depth}:
+        per_block = mid_depth  # SD 1.x/2.x and the SDXL refiner: one depth everywhere
+    else:  # SDXL base, [1, 2, 10]: blocks without attention take 1, the last takes the mid block's depth
+        per_block = [d or 1 for d in depths[:-1]] + [mid_depth]
+    extra = {}
+    if getattr(u.get("label_emb.0.0.weight"), "ndim", 0) == 2:  # SDXL's added (pooled text + size ids) embedding
+        extra = {"addition_embed_type": "text_time",
+                 "projection_class_embeddings_input_dim": u["label_emb.0.0.weight"].shape[1]}
+    return extra | {
         "in_channels": _need(u, "input_blocks.0.0.weight", UNET_PREFIX).shape[1],
         "out_channels": _need(u, "out.2.weight", UNET_PREFIX).shape[0],
         "down_block_types": ["CrossAttnDownBlock2D" if f"input_blocks.{i}.1.proj_in.weight" in u else "DownBlock2D"
@@ -199,7 +217,7 @@ def _unet_layout(u: dict) -> dict:
         "layers_per_block": lpb,
         "cross_attention_dim": cross_attention_dim,
         "use_linear_projection": _need(u, "middle_block.1.proj_in.weight", UNET_PREFIX).ndim == 2,  # SD 2.x
-        "transformer_layers_per_block": depths.pop(),
+        "transformer_layers_per_block": per_block,
     }
 
 
@@ -284,8 +302,11 @@ def _text_to_diffusers(groups: dict) -> dict | None:
 
 # ---------------------------------------------------------------- public API
 
-def _version(groups: dict, cross_attention_dim: int | None) -> str:
-    """'sd1' or 'sd2': from the text encoder's format, else from the UNet's cross-attention width."""
+def _version(groups: dict, cross_attention_dim: int | None, sdxl: bool = False) -> str:
+    """'sd1', 'sd2' or 'sdxl' (a UNet with the text_time embedding): from the UNet's added embedding, the text
+    encoder's format, else from the UNet's cross-attention width."""
+    if sdxl:
+        return "sdxl"
     if "clip" in groups or "open_clip" in groups:
         return "sd1" if "clip" in groups else "sd2"
     if cross_attention_dim in (None, 768, 1024):
@@ -314,10 +335,10 @@ def infer_sd_configs(state_dict: dict, *, overrides: dict[str, dict] | None = No
 
     Shapes give channels, blocks, layers, attention placement, cross-attention width and projection kind.
     What shapes cannot tell follows the releases: head counts (SD 1.x UNet: 8; SD 2.x UNet and both text
-    encoders: width // 64), activations, sample sizes (512 px for 1.x, 768 px for 2.x), the VAE's scaling
-    factor 0.18215, and norm_num_groups (left at diffusers' default, 32). overrides {component: {field:
-    value}} replaces those conventions, e.g. with a matching diffusers folder's config.json; an override
-    that contradicts the shapes is an error.
+    encoders: width // 64), activations, sample sizes (512 px for 1.x, 768 px for 2.x, 1024 px for SDXL),
+    the VAE's scaling factor (0.18215; SDXL 0.13025), SDXL's addition_time_embed_dim 256, and norm_num_groups
+    (left at diffusers' default, 32). overrides {component: {field: value}} replaces those conventions, e.g.
+    with a matching diffusers folder's config.json; an override that contradicts the shapes is an error.
     """
     overrides = overrides or {}
     unknown = sorted(overrides.keys() - {"unet", "vae", "text_encoder"})
@@ -328,8 +349,11 @@ def infer_sd_configs(state_dict: dict, *, overrides: dict[str, dict] | None = No
     unet = _unet_layout(groups["unet"]) if "unet" in groups else None
     text = _text_to_diffusers(groups)
 
+    def version() -> str:
+        return _version(groups, unet and unet["cross_attention_dim"], unet is not None and "addition_embed_type" in unet)
+
     def sd1() -> bool:
-        return _version(groups, unet and unet["cross_attention_dim"]) == "sd1"
+        return version() == "sd1"
 
     def unet_heads():  # diffusers' attention_head_dim is the UNet's head count (a historical misnomer)
         if sd1():
@@ -338,11 +362,15 @@ def infer_sd_configs(state_dict: dict, *, overrides: dict[str, dict] | None = No
 
     configs = {}
     if unet is not None:
-        configs["unet"] = _complete("unet", unet, {"attention_head_dim": unet_heads,
-                                                   "sample_size": lambda: 64 if sd1() else 96}, overrides)
+        conventions = {"attention_head_dim": unet_heads,
+                       "sample_size": lambda: {"sd1": 64, "sd2": 96, "sdxl": 128}[version()]}
+        if "addition_embed_type" in unet:  # SDXL (base and refiner): 256-wide sinusoid per size/crop/score id
+            conventions["addition_time_embed_dim"] = lambda: 256
+        configs["unet"] = _complete("unet", unet, conventions, overrides)
     if "vae" in groups:
         configs["vae"] = _complete("vae", _vae_layout(groups["vae"]), {
-            "sample_size": lambda: 512 if sd1() else 768, "scaling_factor": lambda: 0.18215}, overrides)
+            "sample_size": lambda: {"sd1": 512, "sd2": 768, "sdxl": 1024}[version()],
+            "scaling_factor": lambda: 0.13025 if version() == "sdxl" else 0.18215}, overrides)
     if text is not None:
         layout = _text_layout(text)
         configs["text_encoder"] = _complete("text_encoder", layout, {
@@ -406,6 +434,7 @@ def _unet_layout_from_diffusers(sd: dict) -> dict:
         "up_block_types": ["CrossAttnUpBlock2D" if _indices(sd, f"up_blocks.{b}.attentions.") else "UpBlock2D"
                            for b in range(n)],
         "layers_per_block": len(_indices(sd, "down_blocks.0.resnets.")),
+        "addition_embed_type": "text_time" if "add_embedding.linear_1.weight" in sd else None,
     }
 
 

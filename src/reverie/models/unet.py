@@ -1,5 +1,6 @@
-"""The Stable Diffusion denoising UNet, SD 1.x / 2.x layout (Rombach et al. 2022, "High-Resolution Image
-Synthesis with Latent Diffusion Models"; the UNet of Ho et al. 2020 with the transformer blocks of LDM).
+"""The Stable Diffusion denoising UNet, SD 1.x / 2.x / SDXL layouts (Rombach et al. 2022, "High-Resolution Image
+Synthesis with Latent Diffusion Models"; the UNet of Ho et al. 2020 with the transformer blocks of LDM; SDXL's
+per-block transformer depths and size/crop conditioning, Podell et al. 2023).
 
 Config keys and parameter names are those of diffusers' UNet2DConditionModel, so a diffusers config.json
 builds the same network and its state dict loads with `load_state_dict(..., strict=True)`, no key map.
@@ -22,11 +23,11 @@ from .layers import (Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPES = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
+ADDITION_EMBED_TYPES = ("text_time", None)  # "text_time": SDXL's pooled-text + size/crop conditioning
 
 # diffusers config keys for features reverie does not implement: the only value each may take.
 FIXED_KEYS = {
     "class_embed_type": None, "num_class_embeds": None, "class_embeddings_concat": False,
-    "projection_class_embeddings_input_dim": None, "addition_embed_type": None, "addition_time_embed_dim": None,
     "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
@@ -96,6 +97,12 @@ class UNetConfig:
     # conditions the UNet on an encoder of another width (a frozen sentence encoder)
     encoder_hid_dim: int | None = None
     encoder_hid_dim_type: str | None = None  # "text_proj" (or None: text_proj when encoder_hid_dim is set)
+    # SDXL's micro-conditioning (Podell et al. 2023, "SDXL", section 2.2): each of the time_ids (original size,
+    # crop, target size or aesthetic score) gets a sinusoid of addition_time_embed_dim; they follow the pooled
+    # text embedding into add_embedding, an MLP whose output is added to the time embedding
+    addition_embed_type: str | None = None  # in ADDITION_EMBED_TYPES
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (256 in SDXL); text_time only
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled dim + ids * time dim
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # JSON lists -> tuples, so configs compare and hash as values
@@ -116,6 +123,10 @@ class UNetConfig:
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) != n:
                 raise ValueError(f"{name} must be one value or one per block ({n}); got {value!r}")
+        if any(isinstance(v, (tuple, list)) for v in self.per_block("transformer_layers_per_block")):
+            raise ValueError("transformer_layers_per_block: per-layer lists (asymmetric UNets, with "
+                             "reverse_transformer_layers_per_block) are not supported; give one integer per block; "
+                             f"got {self.transformer_layers_per_block!r}")
         for name in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim", "heads"):
             for v in self.per_block(name):
                 if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -141,6 +152,21 @@ class UNetConfig:
             if len(set(self.per_block("cross_attention_dim"))) != 1:
                 raise ValueError("encoder_hid_dim: the text projection needs one cross_attention_dim for all "
                                  f"blocks; got {self.cross_attention_dim!r}")
+        self._check_addition_embedding()
+
+    def _check_addition_embedding(self):
+        _check_choice("addition_embed_type", self.addition_embed_type, ADDITION_EMBED_TYPES)
+        dims = ("addition_time_embed_dim", "projection_class_embeddings_input_dim")
+        if self.addition_embed_type is None:
+            for name in dims:  # diffusers would ignore them, but a set one suggests a mistyped config
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}={getattr(self, name)!r} is only used with "
+                                     f"addition_embed_type='text_time'; got addition_embed_type=None")
+            return
+        for name in dims:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"addition_embed_type='text_time' needs {name} as an integer >= 1; got {v!r}")
 
     def per_block(self, name: str) -> tuple:
         """A per-block field (or "heads", the number of attention heads) as a tuple with one entry per block."""
@@ -364,6 +390,9 @@ class UNet(nn.Module):
         self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = build_encoder(c)
         self.encoder_hid_proj = (None if c.encoder_hid_dim is None else
                                  nn.Linear(c.encoder_hid_dim, c.per_block("cross_attention_dim")[0]))
+        # diffusers' add_time_proj is a parameterless sinusoid (timestep_embedding in forward)
+        self.add_embedding = (None if c.addition_embed_type is None else
+                              TimestepEmbedding(c.projection_class_embeddings_input_dim, temb_dim))
         self.up_blocks = nn.ModuleList([
             UpBlock(chans[max(n - 2 - i, 0)], chans[min(n - i, n - 1)], chans[n - 1 - i], temb_dim,
                     layers[n - 1 - i] + 1, i < n - 1,
@@ -397,15 +426,40 @@ class UNet(nn.Module):
                              f"got shape {tuple(t.shape)}")
         return t.expand(len(sample))
 
+    def _text_time_embedding(self, text_embeds: Tensor | None, time_ids: Tensor | None, batch: int,
+                             dtype: torch.dtype) -> Tensor:
+        """SDXL's added embedding: [text_embeds, sinusoid(time_ids)] -> add_embedding -> (B, temb_dim)."""
+        c = self.config
+        missing = [name for name, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is None]
+        if missing:
+            raise ValueError(f"addition_embed_type='text_time' needs the keyword arguments text_embeds (B, pooled "
+                             f"dim) and time_ids (B, n ids); missing: {', '.join(missing)}")
+        if text_embeds.ndim != 2 or time_ids.ndim != 2 or len(text_embeds) != batch or len(time_ids) != batch:
+            raise ValueError(f"text_embeds and time_ids must be 2-D with B={batch} rows; got "
+                             f"{tuple(text_embeds.shape)} and {tuple(time_ids.shape)}")
+        width = text_embeds.shape[1] + time_ids.shape[1] * c.addition_time_embed_dim
+        if width != c.projection_class_embeddings_input_dim:
+            raise ValueError(f"text_embeds {tuple(text_embeds.shape)} and time_ids {tuple(time_ids.shape)} give "
+                             f"{width} features; projection_class_embeddings_input_dim is "
+                             f"{c.projection_class_embeddings_input_dim} (pooled dim + ids * addition_time_embed_dim)")
+        ids = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
+        ids = ids.reshape(batch, -1)  # (B, n * addition_time_embed_dim), float32
+        return self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(dtype))  # (B, temb_dim)
+
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
                 down_block_additional_residuals: Sequence[Tensor] | None = None,
-                mid_block_additional_residual: Tensor | None = None) -> Tensor:
+                mid_block_additional_residual: Tensor | None = None,
+                text_embeds: Tensor | None = None, time_ids: Tensor | None = None) -> Tensor:
         """sample (B, in_channels, H, W), timestep (B,) or scalar (fractional allowed), encoder_hidden_states
         (B, T, cross_attention_dim), or (B, T, encoder_hid_dim) when set -> (B, out_channels, H, W).
 
         The additional residuals are ControlNet's outputs: one tensor per skip connection, added to the skips,
         and one added to the mid block's output. (diffusers applies them only when both are given; here each
-        applies on its own.)"""
+        applies on its own.)
+
+        text_embeds (B, pooled dim) and time_ids (B, n) are diffusers' added_cond_kwargs, required with
+        addition_embed_type="text_time" (SDXL: n = 6, original size + crop top-left + target size; the refiner:
+        n = 5, original size + crop + aesthetic score) and refused otherwise."""
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"sample must be (B, in_channels={c.in_channels}, H, W); got {tuple(sample.shape)}")
@@ -413,6 +467,11 @@ class UNet(nn.Module):
         # the sinusoidal embedding is computed in float32 (fractional timesteps near 1000), then cast
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)  # (B, C0)
         temb = self.time_embedding(temb.to(sample.dtype))  # (B, temb_dim)
+        if self.add_embedding is not None:
+            temb = temb + self._text_time_embedding(text_embeds, time_ids, len(sample), temb.dtype)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds and time_ids are only used with addition_embed_type='text_time'; this "
+                             "UNet has addition_embed_type=None")
         if c.center_input_sample:
             sample = 2 * sample - 1.0
         context = encoder_hidden_states  # (B, T, D)
