@@ -105,6 +105,9 @@ class ControlNetConfig:
             shared[name] = values.pop()
         if unet.encoder_hid_dim is not None:
             raise ValueError("ControlNet: a UNet with encoder_hid_dim (a text projection) is not supported yet")
+        if unet.addition_embed_type is not None:
+            raise ValueError(f"ControlNet: a UNet with addition_embed_type={unet.addition_embed_type!r} (SDXL) is not "
+                             f"supported yet")
         if unet.mid_block_type is None:
             raise ValueError("ControlNet: the UNet has no mid block (mid_block_type=None); a ControlNet needs one")
         if unet.conv_in_kernel != 3 or unet.time_embedding_dim not in (None, 4 * unet.block_out_channels[0]):
