@@ -1,9 +1,11 @@
-"""Tiny random diffusers pipelines for the transformer families (DiT, SD3/SD3.5, FLUX.1), built offline and saved
-with diffusers' own `save_pretrained`, so reverie and the diffusers oracle read the same folder.
+"""Tiny random diffusers pipelines for the transformer families (DiT, SD3/SD3.5, FLUX.1) and SDXL (base and
+refiner), built offline and saved with diffusers' own `save_pretrained`, so reverie and the diffusers oracle read
+the same folder.
 
 Each builder copies the component order and `torch.manual_seed(0)` calls of diffusers' fast pipeline tests
 (tests/pipelines/{dit/test_dit.py, stable_diffusion_3/test_pipeline_stable_diffusion_3.py,
-flux/test_pipeline_flux.py}); see /work/shared/reference/architectures.md sections 2.4, 3.5, 4.5 and 6.
+flux/test_pipeline_flux.py, stable_diffusion_xl/test_stable_diffusion_xl.py and test_stable_diffusion_xl_img2img.py});
+see /work/shared/reference/architectures.md sections 1.8, 2.4, 3.5, 4.5 and 6.
 Two things cannot be copied, because the Hub is out of reach:
 - `hf-internal-testing/tiny-random-clip` and `tiny-random-t5` tokenizers: replaced by a byte-level CLIP BPE and a
   T5 Unigram vocabulary built here from the words the tests use (`clip_tokenizer`, `t5_tokenizer`).
@@ -168,4 +170,49 @@ def flux_folder(tmp, *, dev: bool) -> Path:
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder,
                         text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(), tokenizer_2=t5_tokenizer(),
                         transformer=transformer, vae=vae, image_encoder=None, feature_extractor=None)
+    return _save(pipe, tmp)
+
+
+def sdxl_folder(tmp, *, refiner: bool = False) -> Path:
+    """diffusers' tiny StableDiffusionXLPipeline (64x64 images: 32 latents, VAE factor 2), as
+    test_stable_diffusion_xl.py's get_dummy_components builds it: seed 0 -> UNet (text_time, 6 ids x 8 + 32 pooled
+    = 80), Euler; seed 0 -> VAE; seed 0 -> one CLIPTextConfig for a CLIPTextModel and a CLIPTextModelWithProjection
+    built back to back (different weights). tokenizer_2 pads with "!" like real SDXL's OpenCLIP tokenizer.
+
+    refiner=True: test_stable_diffusion_xl_img2img.py's get_dummy_components(skip_first_text_encoder=True) for a
+    StableDiffusionXLImg2ImgPipeline: UNet (32, 64) with 32 groups, 5 ids (aesthetic score) x 8 + 32 = 72,
+    cross_attention_dim 32 (text_encoder_2 only), requires_aesthetics_score=True, no text_encoder / tokenizer.
+    The test's CLIPTextModel is still built (and dropped) so text_encoder_2 gets its weights; its image encoder
+    (built after its own reseed, so it changes no other weights) is left out."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
+                           StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    sizes = (dict(block_out_channels=(32, 64), projection_class_embeddings_input_dim=72, cross_attention_dim=32)
+             if refiner else
+             dict(block_out_channels=(2, 4), projection_class_embeddings_input_dim=80, cross_attention_dim=64,
+                  norm_num_groups=1))
+    unet = UNet2DConditionModel(
+        layers_per_block=2, sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), **sizes)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(**CLIP_CONFIG)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)  # no reseed: its own weights
+    parts = dict(unet=unet, scheduler=scheduler, vae=vae, text_encoder_2=text_encoder_2,
+                 tokenizer_2=clip_tokenizer(pad_token="!"), image_encoder=None, feature_extractor=None)
+    if refiner:
+        pipe = StableDiffusionXLImg2ImgPipeline(text_encoder=None, tokenizer=None, requires_aesthetics_score=True,
+                                                **parts)
+    else:
+        pipe = StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=clip_tokenizer(), **parts)
     return _save(pipe, tmp)

@@ -12,19 +12,35 @@ FLUX.1 (Black Forest Labs 2024) — `FluxPipeline.encode_prompt`: T5's states ar
   (B, max_sequence_length, 4096); CLIP-L's `pooler_output` (the final-LayerNorm EOS feature, unprojected, 768)
   is the pooled vector. No clip_skip.
 
+SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Resolution Image Synthesis") —
+  `StableDiffusionXLPipeline.encode_prompt`: the penultimate hidden states (hidden_states[-2], no final LayerNorm;
+  [-(clip_skip + 2)] with clip_skip) of CLIP-L (CLIPTextModel) and OpenCLIP bigG (CLIPTextModelWithProjection) are
+  concatenated on channels (768 + 1280 = 2048); the pooled vector is bigG's projected EOS feature `text_embeds`
+  (1280). The refiner has bigG only (1280 channels). Micro-conditioning (section 2.2 of the paper) is six numbers
+  per image, original size, crop corner and target size, or five for the refiner, with an aesthetic score in
+  place of the target size (`sdxl_time_ids`, `sdxl_negative_time_ids`, diffusers' `_get_add_time_ids`).
+  diffusers truncates prompts to 77 tokens; `chunked=True` instead splits them into 77-token chunks as
+  AUTOMATIC1111's webui does (modules/sd_hijack_clip.py: both encoders and the negatives padded with empty-prompt
+  chunks to one chunk count, pooled vector from the first chunk: its `zs[0].pooled`). For prompts that fit in
+  77 tokens both ways give the same numbers.
+
 Each function encodes one list of prompts; a family calls it again for the negatives (SD3: clip_skip=None, as
-diffusers applies clip_skip to the positive prompt only). Results are on the first CLIP's device; CLIP states
-in its dtype, T5 states in T5's (diffusers' casts).
+diffusers applies clip_skip to the positive prompt only; SDXL has `sdxl_negative_conditioning`). SD3/FLUX results
+are on the first CLIP's device; CLIP states in its dtype, T5 states in T5's (diffusers' casts). SDXL results are
+on text_encoder_2's device and in its dtype.
 """
 
 from __future__ import annotations
+
+import numbers
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .models.t5 import T5Encoder, check_max_sequence_length
-from .models.text import CLIPTextModel, TextEncoder, check_prompts
+from .models.text import CLIPTextModel, CLIPTextModelWithProjection, TextEncoder, check_prompts
 
 
 def sd3_conditioning(clip_l: TextEncoder, clip_g: TextEncoder, t5: T5Encoder | None, prompts: str | list[str], *,
@@ -119,3 +135,203 @@ def _sd3_width(t5: T5Encoder | None, joint_attention_dim: int | None) -> int:
         raise ValueError(f"joint_attention_dim={joint_attention_dim} does not match T5's width d_model="
                          f"{t5.hidden_size}: the transformer cannot read these states")
     return t5.hidden_size
+
+
+# ------------------------------------------------------------------------------------------------------------- SDXL
+
+
+def sdxl_conditioning(text_encoder: TextEncoder | None, text_encoder_2: TextEncoder, prompts: str | list[str], *,
+                      prompt_2: str | list[str] | None = None, clip_skip: int | None = None, chunked: bool = True,
+                      chunks: int | None = None) -> tuple[Tensor, Tensor]:
+    """Prompts -> (embeds (B, 77 k, D_1 + D_2), pooled (B, P_2)) for SDXL; text_encoder=None for the refiner
+    (embeds (B, 77 k, D_2)).
+
+    chunked=False is diffusers' `encode_prompt` (k = 1, longer prompts truncated with a warning). chunked=True
+    splits every prompt into 75-token chunks (BOS + 75 + EOS, padded), k = the largest chunk count of the batch
+    over both encoders, or `chunks` when larger (give `sdxl_chunk_count(...)` of the prompts and the negatives so
+    both sides get the same k, as A1111 pads the shorter); each chunk is encoded on its own and pooled comes from
+    the first chunk. prompt_2 goes to text_encoder_2 (diffusers' `prompt_2 or prompt`); without text_encoder it
+    is ignored (with a warning when it differs), as in diffusers' refiner, which feeds `prompt` to
+    text_encoder_2.
+    """
+    prompts = check_prompts(prompts)
+    prompt_2 = _per_encoder("prompt_2", prompt_2, prompts)
+    encoders = _sdxl_encoders(text_encoder, text_encoder_2, chunked)
+    layers = min(e.text_model.config.num_hidden_layers for e in encoders)
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int)
+                                  or not 0 <= clip_skip < layers):
+        raise ValueError(f"clip_skip must be None or an int in [0, {layers - 1}], got {clip_skip!r}")
+    layer = -2 if clip_skip is None else -(clip_skip + 2)  # "2": SDXL always counts from the penultimate layer
+    texts = [prompts, prompt_2] if text_encoder is not None else [prompts]  # the refiner reads `prompt`
+    if text_encoder is None and prompt_2 != prompts:
+        warnings.warn("prompt_2 is ignored without text_encoder: the refiner's text_encoder_2 reads the prompts, "
+                      "as in diffusers", stacklevel=2)
+    if chunked:
+        k = max(sdxl_chunk_count(text_encoder, text_encoder_2, *texts), _check_chunks(chunks))
+    elif chunks not in (None, 1):
+        raise ValueError(f"chunks must be None or 1 with chunked=False (diffusers encodes one 77-token chunk), "
+                         f"got {chunks!r}")
+    ids = [_chunk_ids(e, t, k) if chunked else e.tokenize_truncated(t)[:, None] for e, t in zip(encoders, texts)]
+    return _sdxl_encode(encoders, ids, layer)
+
+
+def sdxl_negative_conditioning(text_encoder: TextEncoder | None, text_encoder_2: TextEncoder,
+                               negative_prompt: str | list[str] | None, embeds: Tensor, pooled: Tensor, *,
+                               negative_prompt_2: str | list[str] | None = None,
+                               force_zeros_for_empty_prompt: bool = True,
+                               chunked: bool = True) -> tuple[Tensor, Tensor]:
+    """The negative side of SDXL's classifier-free guidance, shaped like the positive (embeds, pooled) it is given.
+
+    diffusers' rules: negative_prompt None with force_zeros_for_empty_prompt (model_index.json; True for the base
+    model) gives zeros for both; otherwise `negative_prompt or ""` (one str for every prompt, or a list of B) and
+    `negative_prompt_2 or negative_prompt` for text_encoder_2 are encoded from hidden_states[-2] (never clip_skip)
+    to the positive's token length. With chunked=True that length is k chunks of 77 (a negative needing more
+    raises: pass chunks=sdxl_chunk_count(...) to sdxl_conditioning); chunked=False is diffusers' one chunk.
+    Without text_encoder (refiner) negative_prompt_2 is ignored (a warning when it differs), as in diffusers.
+    """
+    encoders = _sdxl_encoders(text_encoder, text_encoder_2, chunked)
+    if not isinstance(embeds, Tensor) or embeds.ndim != 3 or not isinstance(pooled, Tensor) or pooled.ndim != 2 \
+            or pooled.shape[0] != embeds.shape[0]:
+        raise ValueError(f"embeds and pooled must be the positive (B, N, D) and (B, P) tensors of "
+                         f"sdxl_conditioning, got {_shape(embeds)} and {_shape(pooled)}")
+    if not isinstance(force_zeros_for_empty_prompt, bool):
+        raise ValueError(f"force_zeros_for_empty_prompt must be a bool, got {force_zeros_for_empty_prompt!r}")
+    if negative_prompt is None and force_zeros_for_empty_prompt:
+        return torch.zeros_like(embeds), torch.zeros_like(pooled)
+    B, L = embeds.shape[0], text_encoder_2.max_length
+    negatives = _per_encoder("negative_prompt", negative_prompt or "", [""] * B)
+    negatives_2 = _per_encoder("negative_prompt_2", negative_prompt_2, negatives)
+    texts = [negatives, negatives_2] if text_encoder is not None else [negatives]
+    if text_encoder is None and negatives_2 != negatives:
+        warnings.warn("negative_prompt_2 is ignored without text_encoder: the refiner's text_encoder_2 reads "
+                      "negative_prompt, as in diffusers", stacklevel=2)
+    k, rest = divmod(embeds.shape[1], L)
+    if rest or (not chunked and k != 1):
+        raise ValueError(f"embeds: the positive has {embeds.shape[1]} tokens; expected "
+                         f"{'a multiple of ' if chunked else ''}{L} (chunked={chunked})")
+    if chunked:
+        need = sdxl_chunk_count(text_encoder, text_encoder_2, *texts)
+        if need > k:
+            raise ValueError(f"negative_prompt needs {need} chunks of {L} tokens but the positive has {k}: encode "
+                             f"the prompts with chunks=sdxl_chunk_count(text_encoder, text_encoder_2, prompts, "
+                             f"negatives, ...) so both sides get the same count")
+    ids = [_chunk_ids(e, t, k) if chunked else e.tokenize_truncated(t)[:, None] for e, t in zip(encoders, texts)]
+    return _sdxl_encode(encoders, ids, -2)
+
+
+def sdxl_chunk_count(text_encoder: TextEncoder | None, text_encoder_2: TextEncoder, *prompts) -> int:
+    """The number of 77-token chunks (BOS + 75 + EOS) the longest of these prompts needs in either encoder
+    (None entries are skipped; each entry is a str or a list of str)."""
+    encoders = _sdxl_encoders(text_encoder, text_encoder_2)
+    counts = [e.tokenize(p).shape[1] for p in prompts if p is not None for e in encoders]
+    return max(counts, default=1)
+
+
+def sdxl_time_ids(original_size, crops_coords_top_left, target_size=None, *, aesthetic_score=None,
+                  dtype: torch.dtype = torch.float32) -> Tensor:
+    """SDXL's micro-conditioning (Podell et al. 2023, section 2.2) as diffusers' `_get_add_time_ids` lays it out:
+    (6,) = (orig_h, orig_w, crop_top, crop_left, target_h, target_w) for the base model, or (5,) =
+    (orig_h, orig_w, crop_top, crop_left, aesthetic_score) for the refiner (requires_aesthetics_score: the target
+    size is then not used and may be None). The pipelines default original_size = target_size = (height, width)
+    and the crop to (0, 0)."""
+    ids = [*_size("original_size", original_size), *_size("crops_coords_top_left", crops_coords_top_left)]
+    if aesthetic_score is not None:
+        return torch.tensor([*ids, _score("aesthetic_score", aesthetic_score)], dtype=dtype)  # (5,)
+    return torch.tensor([*ids, *_size("target_size", target_size)], dtype=dtype)  # (6,)
+
+
+def sdxl_negative_time_ids(original_size, crops_coords_top_left, target_size=None, *, negative_original_size=None,
+                           negative_crops_coords_top_left=(0, 0), negative_target_size=None, aesthetic_score=None,
+                           negative_aesthetic_score=2.5, img2img: bool = False,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """The micro-conditioning of the negative (unconditional) side, by diffusers' rules:
+    - text-to-image (StableDiffusionXLPipeline): the positive ids, unless negative_original_size and
+      negative_target_size are both given: then negative_original_size + negative_crops_coords_top_left +
+      negative_target_size;
+    - img2img (StableDiffusionXLImg2ImgPipeline, img2img=True) with aesthetic_score (requires_aesthetics_score):
+      (negative_original_size or original_size) + negative_crops_coords_top_left + (negative_aesthetic_score,);
+    - img2img without aesthetics: (negative_original_size or original_size) + crops_coords_top_left (the
+      POSITIVE crop: diffusers ignores negative_crops_coords_top_left there) + (negative_target_size or
+      target_size).
+    diffusers' img2img defaults are aesthetic_score 6.0 and negative_aesthetic_score 2.5."""
+    if not isinstance(img2img, bool):
+        raise ValueError(f"img2img must be a bool, got {img2img!r}")
+    if aesthetic_score is not None and not img2img:
+        raise ValueError("aesthetic_score: only the img2img pipeline (the refiner, requires_aesthetics_score) reads "
+                         "aesthetic scores; pass img2img=True or aesthetic_score=None")
+    if aesthetic_score is not None:
+        return sdxl_time_ids(negative_original_size or original_size, negative_crops_coords_top_left,
+                             aesthetic_score=_score("negative_aesthetic_score", negative_aesthetic_score),
+                             dtype=dtype)
+    if img2img:
+        return sdxl_time_ids(negative_original_size or original_size, crops_coords_top_left,
+                             negative_target_size or target_size, dtype=dtype)
+    if negative_original_size is not None and negative_target_size is not None:
+        return sdxl_time_ids(negative_original_size, negative_crops_coords_top_left, negative_target_size,
+                             dtype=dtype)
+    return sdxl_time_ids(original_size, crops_coords_top_left, target_size, dtype=dtype)
+
+
+def _sdxl_encoders(text_encoder, text_encoder_2, chunked: bool = True) -> list[TextEncoder]:
+    """[text_encoder, text_encoder_2], or [text_encoder_2] for the refiner, checked (and the chunked flag)."""
+    if not isinstance(chunked, bool):
+        raise ValueError(f"chunked must be a bool (True: A1111's 77-token chunks, False: diffusers' truncation), "
+                         f"got {chunked!r}")
+    if not isinstance(text_encoder_2, TextEncoder) or type(text_encoder_2.text_model) \
+            is not CLIPTextModelWithProjection:
+        raise ValueError(f"text_encoder_2 must be a reverie TextEncoder wrapping a CLIPTextModelWithProjection "
+                         f"(SDXL's OpenCLIP bigG, whose text_embeds is the pooled vector), got "
+                         f"{type(getattr(text_encoder_2, 'text_model', text_encoder_2)).__name__}")
+    if text_encoder is None:
+        return [text_encoder_2]
+    _check_clip("text_encoder", text_encoder)
+    if text_encoder.max_length != text_encoder_2.max_length:
+        raise ValueError(f"text_encoder and text_encoder_2 must read the same number of tokens to be concatenated, "
+                         f"got {text_encoder.max_length} and {text_encoder_2.max_length}")
+    return [text_encoder, text_encoder_2]
+
+
+def _chunk_ids(encoder: TextEncoder, prompts: list[str], chunks: int) -> Tensor:
+    """(B, chunks, L) ids: the prompts' own chunks, then empty-prompt chunks (BOS, EOS, padding) up to `chunks`."""
+    ids = encoder.tokenize(prompts)  # (B, k, L)
+    B, k, L = ids.shape
+    empty = encoder.tokenize("")[:, :1].expand(B, chunks - k, L)  # (B, chunks - k, L)
+    return torch.cat([ids, empty], dim=1)
+
+
+def _sdxl_encode(encoders: list[TextEncoder], ids: list[Tensor], layer: int) -> tuple[Tensor, Tensor]:
+    """Per encoder (B, k, L) ids -> (embeds (B, k L, sum D), pooled (B, P) of text_encoder_2's first chunk)."""
+    last = encoders[-1]
+    states = []
+    for encoder, chunk_ids in zip(encoders, ids):
+        B, k, L = chunk_ids.shape
+        out = encoder.text_model(chunk_ids.reshape(B * k, L).to(encoder.device), output_hidden_states=True)
+        states.append(out.hidden_states[layer].reshape(B, k * L, -1).to(last.device))  # (B, k L, D)
+    pooled = out.text_embeds.reshape(B, k, -1)[:, 0]  # (B, P): text_encoder_2 runs last
+    embeds = torch.cat(states, dim=-1).to(last.dtype)  # (B, k L, sum D)
+    return embeds, pooled
+
+
+def _check_chunks(chunks) -> int:
+    if chunks is None:
+        return 1
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"chunks must be None or an int >= 1, got {chunks!r}")
+    return chunks
+
+
+def _size(name: str, value) -> tuple:
+    if not isinstance(value, (tuple, list)) or len(value) != 2 \
+            or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value):
+        raise ValueError(f"{name} must be a pair of numbers (height, width) / (top, left), got {value!r}")
+    return tuple(value)
+
+
+def _score(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    return value
+
+
+def _shape(x) -> str:
+    return str(tuple(x.shape)) if isinstance(x, Tensor) else type(x).__name__
