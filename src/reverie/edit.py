@@ -410,7 +410,7 @@ def plan_edit(source: EditSource, sigmas: Tensor, *, encode, generator, shape, d
     masked, factor = source.repaint is not None, source.height // shape[-2]
     pure_noise = inpaint_network and strength == 1
     image = fill_masked(source.image, source.repaint) if masked and source.fill == "fill" else source.image
-    init = None if pure_noise else encode(image.to(device), generator).float()
+    init = None if pure_noise else _encode_source(encode, image.to(device), generator)
     noise = randn(shape, generator, torch.device("cpu"), torch.float32) if noise is None else noise
     noise = noise.to(device, torch.float32)
     known, latent_mask = init, None  # known: the latents kept outside the mask (A1111: after "fill")
@@ -435,6 +435,15 @@ def plan_edit(source: EditSource, sigmas: Tensor, *, encode, generator, shape, d
     if masked and not inpaint_network:
         return EditPlan(tail, x, cond, known, latent_mask, source)
     return EditPlan(tail, x, cond, source=source)
+
+
+def _encode_source(encode, image: Tensor, generator) -> Tensor:
+    """The image latents. One source image for the whole batch with one generator is encoded once and its
+    latents repeated, as diffusers' img2img pipelines do (one posterior sample, not one per row); with one
+    generator per image, each row draws its own (as diffusers, and as that image generated alone)."""
+    if not isinstance(generator, (list, tuple)) and len(image) > 1 and bool((image == image[:1]).all()):
+        return encode(image[:1], generator).float().expand(len(image), -1, -1, -1).contiguous()
+    return encode(image, generator).float()
 
 
 class KnownRegionDenoiser(nn.Module):

@@ -143,8 +143,9 @@ def _register():
     from .flux import Flux
     from .sd import SD
     from .sd3 import SD3
+    from .sdxl import SDXL
 
-    return {f.name: f for f in (SD(), DiT(), SD3(), Flux())}
+    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux())}
 
 
 FAMILIES: dict[str, Family] = {}

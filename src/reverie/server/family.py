@@ -116,6 +116,12 @@ def conditioning_key(pipe, r: Request) -> tuple:
     if name == "sd":  # the number of 77-token chunks of the longest prompt (negatives included under CFG)
         texts = [r.prompt, r.negative_prompt] if uses_cfg(pipe, r) else [r.prompt]
         return (pipe.text_encoder.tokenize(texts).shape[1],)
+    if name == "sdxl":  # the chunk count of both encoders, and None-vs-given negatives (None: zero embeddings)
+        from ..text_conditioning import sdxl_chunk_count
+
+        texts = [r.prompt, r.negative_prompt] if uses_cfg(pipe, r) else [r.prompt]
+        return (sdxl_chunk_count(pipe.components.get("text_encoder"), pipe.text_encoder_2, *texts),
+                r.negative_prompt is None)
     if name == "sd3":
         return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], tuple(r.skip_guidance_layers or ()),
                 r.skip_layer_guidance_scale)
