@@ -138,3 +138,32 @@ def test_sdxl_long_prompts_are_chunked_and_folders_round_trip(sdxl, tmp_path):
     again = Pipeline.from_pretrained(tmp_path / "saved")
     c, d = (p("a cat", steps=2, seed=0, progress=False) for p in (ours, again))
     assert np.array_equal(pixels(c.images), pixels(d.images))
+
+
+@pytest.mark.parametrize("split", [0.8, 0.5])
+def test_base_to_refiner_handoff_matches_diffusers(sdxl, split):
+    """The ensemble of experts: the base stops at denoising_end, the next pipeline resumes from its latents at
+    denoising_start (diffusers' test_stable_diffusion_two_xl_mixture_of_denoiser_fast: base components both times)."""
+    theirs, ours, _ = sdxl
+    theirs.scheduler = diffusers.EulerDiscreteScheduler.from_config(
+        {k: v for k, v in theirs.scheduler.config.items() if k != "use_karras_sigmas"})
+    refiner = diffusers.StableDiffusionXLImg2ImgPipeline(**theirs.components)
+    refiner.set_progress_bar_config(disable=True)
+    latents = theirs(PROMPTS[:1], num_inference_steps=10, guidance_scale=5.0, denoising_end=split,
+                     output_type="latent", generator=torch.Generator("cpu").manual_seed(6)).images
+    expected = (refiner(PROMPTS[:1], image=latents, num_inference_steps=10, guidance_scale=5.0, denoising_start=split,
+                        generator=torch.Generator("cpu").manual_seed(7), output_type="np").images * 255).round()
+    first = ours(PROMPTS[:1], steps=10, guidance_scale=5.0, sampler="euler", denoising_end=split, seed=6, progress=False)
+    torch.testing.assert_close(first.latents, latents.float(), atol=1e-4, rtol=1e-4)
+    assert first.params["latent_sigma"] > 0
+    second = ours(PROMPTS[:1], image=first.latents, steps=10, guidance_scale=5.0, sampler="euler",
+                  denoising_start=split, seed=7, progress=False)
+    assert_same_images(pixels(second.images), expected)
+
+
+def test_handoff_refuses_bad_input(sdxl):
+    _, ours, _ = sdxl
+    with pytest.raises(ValueError, match="denoising_end"):
+        ours("a cat", steps=2, denoising_end=1.2, progress=False)
+    with pytest.raises(ValueError, match="image"):
+        ours("a cat", steps=2, denoising_start=0.8, progress=False)

@@ -86,6 +86,26 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
 
 
+def _check_handoff(denoising_end, denoising_start, image, mask_image, strength, latents):
+    """Check denoising_end / denoising_start; the latents handed in with denoising_start (else None)."""
+    for name, value in (("denoising_end", denoising_end), ("denoising_start", denoising_start)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                  or not 0 < value < 1):
+            raise ValueError(f"{name} must be a number in (0, 1) (the fraction of the schedule); got {value!r}")
+    if denoising_start is None:
+        return None
+    if denoising_end is not None:
+        raise ValueError("denoising_start: give denoising_end to the first expert and denoising_start to the next, "
+                         "not both to one call")
+    if not isinstance(image, Tensor) or image.ndim != 4:
+        raise ValueError("image: with denoising_start, give the (B, C, h, w) latents that a denoising_end run "
+                         "returned (result.latents), not an image")
+    for name, value in (("mask_image", mask_image), ("strength", strength), ("latents", latents)):
+        if value is not None:
+            raise ValueError(f"{name} does not go with denoising_start (the latents are where sampling resumes)")
+    return image
+
+
 class Pipeline:
     """A latent diffusion model of any family (reverie.families): its components, schedule and family.
 
@@ -381,7 +401,8 @@ class Pipeline:
                  control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
                  image=None, strength: float | None = None, mask_image=None, mask_blur: float = 4,
                  inpaint_only_masked: bool = False, inpaint_padding: int = 32, fill="original",
-                 shift: float | None = None, **options) -> GenerationResult:
+                 shift: float | None = None, denoising_end: float | None = None,
+                 denoising_start: float | None = None, **options) -> GenerationResult:
         """Generate images. `prompt` is a string or a list (DiT: class ids or label names). steps,
         guidance_scale and sampler default to the family's (SD: 30, 7.5, "dpmpp_2m"; see each family).
         `sampler` is any name reverie.samplers.resolve accepts ("DPM++ 2M Karras", "euler",
@@ -398,6 +419,11 @@ class Pipeline:
         from the noised image: 0.75 by default, 1 with a mask), mask_image (white = repaint), mask_blur
         (pixels), inpaint_only_masked with inpaint_padding (pixels), fill ("original", "fill", "latent noise",
         "latent nothing").
+
+        denoising_end / denoising_start (fractions in (0, 1); diffusers' "ensemble of experts", e.g. SDXL base ->
+        refiner at 0.8): denoising_end stops where the training timesteps fall below (1 - f) * T and returns the
+        still-noisy latents in result.latents (params record their level); denoising_start takes such latents as
+        `image` ((B, C, h, w) latents, no noise added) and runs the rest of the same schedule.
 
         shift (flow models): the schedule's shift for this call (ComfyUI's ModelSamplingSD3), instead of the
         model's (and instead of dynamic shifting, for FLUX dev). Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
@@ -416,6 +442,10 @@ class Pipeline:
         if controlnet is not None and not family.controlnet:
             raise ValueError(f"controlnet: ControlNet is not available for {family.name} models (only SD 1/2)")
         width, height = control.default_size(control_image, width, height, self.size_multiple)
+        handoff = _check_handoff(denoising_end, denoising_start, image, mask_image, strength, latents)
+        if handoff is not None:  # denoising_start: `image` holds latents, not pixels
+            width, height = image.shape[-1] * self.downsample_factor, image.shape[-2] * self.downsample_factor
+            image = None
         source = self._edit_source(image, mask_image, strength, width, height, len(prompts), num_images,
                                    mask_blur=mask_blur, only_masked=inpaint_only_masked, padding=inpaint_padding,
                                    fill=fill)
@@ -440,7 +470,20 @@ class Pipeline:
         mu = family.mu(self, shape)
         sigmas = sampling.sigmas(steps, choice, mu=mu)
         generator, seeds = self._generators(seed, batch)
-        plan = self._start(sampling, source, sigmas, choice, generator, latents, shape)  # txt2img, img2img, inpainting
+        if denoising_end is not None or denoising_start is not None:  # the experts' share of the same schedule
+            t = sampling.timesteps(sigmas, choice)
+            cutoff = int(round(self.schedule.num_train_timesteps * (1 - (denoising_end or denoising_start))))
+            if denoising_end is not None:
+                sigmas = sigmas[:int((t >= cutoff - 1e-3).sum()) + 1]
+            else:
+                sigmas = sigmas[len(t) - int((t < cutoff - 1e-3).sum()):]
+        if handoff is not None:
+            if tuple(handoff.shape[1:]) != shape[1:] or len(handoff) not in (1, batch):
+                raise ValueError(f"image: with denoising_start, the latents of a denoising_end run, shape "
+                                 f"(1 or {batch}, {', '.join(map(str, shape[1:]))}); got {tuple(handoff.shape)}")
+            plan = edit.EditPlan(sigmas, handoff.to(self.device, torch.float32).expand(shape).contiguous(), {})
+        else:
+            plan = self._start(sampling, source, sigmas, choice, generator, latents, shape)  # txt2img, img2img, ...
         sigmas, x = plan.sigmas, plan.x
         controls = control.prepare(controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
                                    control_guidance_end, prompts=batch // num_images, images_per_prompt=num_images,
@@ -461,9 +504,11 @@ class Pipeline:
                                                      disable=not progress) as bar:
                 if len(sigmas) > 1:  # img2img at strength 0 has nothing to denoise
                     x = sampling.run(choice, guided, x, sigmas, generator=generator, callback=bar)
-        x = plan.finish(sampling.finish(x, sigmas))  # inpainting: exactly the image's latents outside the mask
-
-        images = plan.paste(self.decode_latents(x))
+        if denoising_end is None:
+            x = plan.finish(sampling.finish(x, sigmas))  # inpainting: exactly the image's latents outside the mask
+            images = plan.paste(self.decode_latents(x))
+        else:  # still noisy: the latents go on to the next expert; the images only preview them
+            images = plan.paste(self.decode_latents(sampling.finish(x, sigmas)))
         params = dict(prompt=prompts, negative_prompt=negatives, steps=steps, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, sampler=choice.name, schedule=choice.schedule,
                       sampler_options=choice.options, width=width, height=height, seeds=seeds,
@@ -471,6 +516,9 @@ class Pipeline:
         params |= family.describe(self, options, sigmas=sigmas, mu=mu if sampling.schedule is self.schedule else None)
         if shift is not None:
             params["shift"] = float(shift)
+        if denoising_end is not None or denoising_start is not None:
+            params |= dict(denoising_end=denoising_end, denoising_start=denoising_start,
+                           latent_sigma=float(sigmas[-1]) if denoising_end is not None else 0.0)
         params |= control.describe(controls, guess_mode)
         params |= plan.params
         return self._checked(GenerationResult(to_pil(images), x.cpu(), params), seed)

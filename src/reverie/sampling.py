@@ -40,6 +40,10 @@ class VPSampling:
     def timestep_mapping(self, choice) -> str:
         return self.schedule.timestep_mapping(choice.schedule, choice.family)
 
+    def timesteps(self, sigmas: Tensor, choice) -> Tensor:
+        """The training timesteps of the levels sigmas[:-1] (what diffusers' scheduler.timesteps holds)."""
+        return self.schedule.sigma_to_t(sigmas[:-1].double(), self.timestep_mapping(choice))
+
     def noise_scale(self, sigma: float, choice) -> float:
         """What unit noise is multiplied by at the first level (diffusers' init_noise_sigma)."""
         return self.schedule.initial_noise_scale(sigma, choice.family)
@@ -86,6 +90,10 @@ class FlowSampling:
         """The velocity network as a denoiser; DPM-Solver and UniPC on flow models feed it diffusers' integer
         timesteps (FlowSchedule.timestep_table)."""
         return FlowDenoiser(net, timesteps=self.schedule.timestep_table(choice, steps, mu=mu))
+
+    def timesteps(self, sigmas: Tensor, choice) -> Tensor:
+        """The timesteps of the flow times sigmas[:-1] (t * T, as diffusers' FlowMatch scheduler.timesteps)."""
+        return sigmas[:-1].double() * self.schedule.num_train_timesteps
 
     @staticmethod
     def noise_scale(sigma: float, choice) -> float:
