@@ -167,3 +167,22 @@ def test_handoff_refuses_bad_input(sdxl):
         ours("a cat", steps=2, denoising_end=1.2, progress=False)
     with pytest.raises(ValueError, match="image"):
         ours("a cat", steps=2, denoising_start=0.8, progress=False)
+
+
+def test_cli_refiner_equals_the_python_handoff(sdxl, tmp_path):
+    """reverie generate --refiner MODEL --refiner-switch-at f: the first model stops at f, the refiner finishes from
+    its latents (A1111's refiner); the PNG records Refiner and Refiner switch at."""
+    from PIL import Image
+
+    from reverie.cli import main
+
+    _, ours, path = sdxl
+    out = tmp_path / "refined.png"
+    assert main(["generate", PROMPTS[0], "--model", str(path), "--refiner", str(path), "--refiner-switch-at", "0.6",
+                 "--steps", "5", "--seed", "3", "--out", str(out), "--safety-checker", "none"]) in (0, None)
+    first = ours(PROMPTS[0], steps=5, seed=3, denoising_end=0.6, progress=False)
+    second = ours(PROMPTS[0], steps=5, seed=3, image=first.latents, denoising_start=0.6, sampler=first.params["sampler"],
+                  progress=False)
+    image = Image.open(out)
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(second.images[0]))
+    assert "Refiner switch at: 0.6" in image.info["parameters"] and "Refiner: " in image.info["parameters"]

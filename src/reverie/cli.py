@@ -44,16 +44,39 @@ def _generate(args) -> None:
         pipe.enable_attention_slicing()
     if args.vae_tiling:
         pipe.vae.enable_tiling()
+    seeds = _seeds(args.seed, args.num_images)
+    handoff = {"denoising_end": args.refiner_switch_at} if args.refiner else {}
     result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
-                  seed=_seeds(args.seed, args.num_images), num_images=args.num_images, clip_skip=args.clip_skip,
-                  **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args))
+                  seed=seeds, num_images=args.num_images, clip_skip=args.clip_skip,
+                  **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args), **handoff)
+    if args.refiner:
+        result = _refine(args, result, seeds)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         _save(image, result, i, path)
         print(f"wrote {path} (seed {result.params['seeds'][i]})")
+
+
+def _refine(args, first, seeds):
+    """The refiner's share (denoising_start = the switch point) from the first model's latents, same settings."""
+    import torch
+
+    from .pipeline import Pipeline
+
+    refiner = Pipeline.from_pretrained(model_path(args.refiner), device=args.device,
+                                       dtype=getattr(torch, DTYPES[args.dtype]), offload=args.offload,
+                                       safety_checker=_safety_option(args))
+    _configure_safety(refiner, args)
+    p = first.params
+    prompts = p["prompt"][::args.num_images]
+    result = refiner(prompts, negative_prompt=args.negative, steps=p["steps"], guidance_scale=args.guidance,
+                     sampler=p["sampler"], scheduler=p["schedule"], image=first.latents,
+                     seed=seeds, num_images=args.num_images, denoising_start=args.refiner_switch_at, progress=True)
+    result.params |= dict(refiner=refiner.name, refiner_switch_at=args.refiner_switch_at)
+    return result
 
 
 def _family_kwargs(args) -> dict:
@@ -444,6 +467,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--config", default=None, help="single files: a diffusers folder of the same family for configs, "
                      "tokenizers and what the file lacks")
     gen.add_argument("--variant", default=None, help="diffusers folders: weights variant (fp16, bf16)")
+    gen.add_argument("--refiner", default=None, metavar="MODEL", help="a second model (e.g. the SDXL refiner) that "
+                     "finishes the last part of the schedule from the first one's latents (A1111's refiner)")
+    gen.add_argument("--refiner-switch-at", type=float, default=0.8, help="with --refiner: the fraction of the "
+                     "schedule after which it takes over (A1111's 'Refiner switch at'; default 0.8)")
     gen.add_argument("--width", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--height", type=int, default=None, help="default: the model's native size")
     gen.add_argument("--seed", type=int, default=None)

@@ -136,6 +136,7 @@ def infotext(params: dict) -> str:
         "Shift": p.get("shift"), "Seed": p.get("seed"), "Size": size,
         "Model hash": p.get("model_hash"), "Model": p.get("model"), "Family": p.get("family"),
         "Denoising strength": p.get("strength"),
+        "Refiner": p.get("refiner"), "Refiner switch at": p.get("refiner_switch_at"),  # A1111's SDXL refiner
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer as 1 (reverie.models.text)
         "CFG Rescale": p.get("guidance_rescale") or None,
         "NSFW": "flagged" if p.get("nsfw") else None,
