@@ -176,11 +176,14 @@ def family_of_checkpoint(state_dict: dict) -> Family:
     """The family of a single-file checkpoint, from its key names."""
     from ..formats.flux_single_file import is_flux_checkpoint
     from ..formats.sd3_single_file import is_sd3_checkpoint
+    from ..sdxl_files import is_sdxl_checkpoint
 
     if is_flux_checkpoint(state_dict):
         return get("flux")
     if is_sd3_checkpoint(state_dict):
         return get("sd3")
+    if is_sdxl_checkpoint(state_dict):
+        return get("sdxl")
     return get("sd")
 
 

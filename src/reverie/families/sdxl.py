@@ -35,6 +35,13 @@ class SDXL(Family):
                                       requires_aesthetics_score=index.get("requires_aesthetics_score", False))
         return components, scheduler_config
 
+    def load_single_file(self, path: Path, **options):
+        """An SGM single file (sd_xl_base_1.0.safetensors, sd_xl_refiner_1.0.safetensors): see
+        reverie.sdxl_files.load_sdxl_single_file (config=, tokenizer=, vae=)."""
+        from ..sdxl_files import load_sdxl_single_file
+
+        return load_sdxl_single_file(path, **options)
+
     def save_folder(self, pipe, path: Path, dtype=None) -> None:
         from ..loading import save_transformer_folder
 
