@@ -75,7 +75,9 @@ def _refine(args, first, seeds):
     result = refiner(prompts, negative_prompt=args.negative, steps=p["steps"], guidance_scale=args.guidance,
                      sampler=p["sampler"], scheduler=p["schedule"], image=first.latents,
                      seed=seeds, num_images=args.num_images, denoising_start=args.refiner_switch_at, progress=True)
-    result.params |= dict(refiner=refiner.name, refiner_switch_at=args.refiner_switch_at)
+    # as A1111 and the server record it: the first model is the "Model", the refiner is named beside it
+    result.params |= dict(model=p["model"], model_hash=p.get("model_hash"), refiner=refiner.name,
+                          refiner_switch_at=args.refiner_switch_at)
     return result
 
 

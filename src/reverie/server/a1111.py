@@ -22,7 +22,7 @@ from .job import FieldError, Request
 from .schemas import Img2ImgBody, Limits, PngInfoBody, Txt2ImgBody
 
 _NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "strength": "denoising_strength",
-          "image": "init_images"}
+          "image": "init_images", "refiner": "refiner_checkpoint"}
 _FLUX_NAMES = {**_NAMES, "guidance_scale": "distilled_cfg_scale", "true_cfg_scale": "cfg_scale"}  # Forge's fields
 DEFAULTS = dict(steps=20, guidance_scale=7.0, sampler="Euler")  # A1111's API defaults (SD models)
 
@@ -66,6 +66,10 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                 options["true_cfg_scale"] = body.cfg_scale
         else:
             guidance = body.cfg_scale
+        refiner = None  # A1111 clients send "" or "None" for no refiner, and a switch point that then goes unused
+        if body.refiner_checkpoint not in (None, "", "None"):
+            refiner = checkpoint(body.refiner_checkpoint, "refiner_checkpoint")
+        edit = dict(edit, refiner=refiner, refiner_switch_at=body.refiner_switch_at if refiner else None)
         request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                           guidance_scale=guidance, sampler=body.sampler_name or body.sampler_index,
                           scheduler=body.scheduler, seed=None if body.seed == -1 else body.seed, width=body.width,

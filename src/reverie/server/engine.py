@@ -7,7 +7,8 @@ model's family decides — reverie.server.family — and for img2img, inpainting
 source size and ControlNet: guidance scales may differ, CFGDenoiser takes one per row; source, mask and
 control images are per row) and runs them as one Pipeline call, one seed per image, so a batched image equals
 the same request run alone up to float rounding. Models of every family (SD 1/2, DiT, SD3, FLUX) are served;
-a request's missing steps, guidance scale and sampler are the model family's defaults.
+a request's missing steps, guidance scale and sampler are the model family's defaults. A request with a refiner
+(SD / SDXL, A1111's SDXL refiner) runs its model to the switch point and the refiner from its latents on.
 
 Between denoising steps the sampler callback drops rows whose job was cancelled or ran past its deadline (the
 job is final at once; its row runs on, unseen, until the batch ends) and stops the call when no row is left.
@@ -42,6 +43,7 @@ from .store import JOB_ID, JobStore
 log = logging.getLogger("reverie.server")
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # uploaded images (img2img, masks, control images)
+REFINER_SWITCH_AT = 0.8  # A1111's default: the refiner runs the last 20% of the schedule
 
 
 class Engine:
@@ -249,8 +251,36 @@ class Engine:
         if request.control_image is not None and request.control_type not in self.controlnets:
             raise FieldError("control_type", f"must be one of {sorted(self.controlnets)} (the ControlNets this "
                                              f"server holds); got {request.control_type!r}")
+        switch = self._check_refiner(pipe, request)
         seed = request.seed if request.seed is not None and request.seed >= 0 else random.randint(0, MAX_SEED)
-        return dataclasses.replace(request, model=model, width=width, height=height, seed=seed)
+        return dataclasses.replace(request, model=model, width=width, height=height, seed=seed,
+                                   refiner_switch_at=switch)
+
+    def _check_refiner(self, pipe, r: Request) -> float | None:
+        """The refiner's switch point (default REFINER_SWITCH_AT), after checking that the refiner is held, takes
+        the model's latents and the request's settings; None without a refiner. Raises FieldError."""
+        if r.refiner is None:
+            if r.refiner_switch_at is not None:
+                raise FieldError("refiner_switch_at", "needs a refiner")
+            return None
+        if r.refiner not in self.models:
+            raise FieldError("refiner", f"must be one of {sorted(self.models)}; got {r.refiner!r}")
+        switch = REFINER_SWITCH_AT if r.refiner_switch_at is None else r.refiner_switch_at
+        if isinstance(switch, bool) or not isinstance(switch, (int, float)) or not 0 < switch < 1:
+            raise FieldError("refiner_switch_at", f"must be a number in (0, 1) (the fraction of the schedule the "
+                                                  f"first model runs); got {switch!r}")
+        for name in ("image", "control_image"):
+            if getattr(r, name) is not None:
+                raise FieldError("refiner", f"does not go with {name} yet (img2img, inpainting and ControlNet run "
+                                            "without a refiner)")
+        refiner = self.models[r.refiner]
+        families.check_refiner(pipe, refiner, r.refiner)
+        families.sampler_choice(refiner, r.sampler, r.scheduler)
+        families.check(refiner, r)
+        if r.steps > refiner.schedule.num_train_timesteps:
+            raise FieldError("steps", f"must be <= {refiner.schedule.num_train_timesteps} (the refiner's "
+                                      f"schedule); got {r.steps}")
+        return float(switch)
 
     # --- the worker ----------------------------------------------------------------------------------
 
@@ -359,13 +389,15 @@ class Engine:
     def _key(self, job: Job) -> tuple:
         """Jobs with equal keys share forward passes: same model, size, sampler, schedule, steps and shift, the
         same conditioning shape and call-wide family settings (family.conditioning_key: SD's prompt chunk count,
-        SD3's and FLUX's max_sequence_length, FLUX's distilled guidance and true_cfg_scale), and for edits the
-        same edit settings (_edit_key)."""
+        SD3's and FLUX's max_sequence_length, FLUX's distilled guidance and true_cfg_scale), for edits the
+        same edit settings (_edit_key), and the same refiner, switch point and refiner conditioning shape."""
         if job.key is None:
             r = job.request
             pipe = self.models[r.model]
+            refiner = () if r.refiner is None else (
+                r.refiner, r.refiner_switch_at, families.conditioning_key(self.models[r.refiner], r))
             job.key = (r.model, r.width, r.height, families.sampler_choice(pipe, r.sampler, r.scheduler), r.steps,
-                       r.shift, families.conditioning_key(pipe, r), _edit_key(r))
+                       r.shift, families.conditioning_key(pipe, r), _edit_key(r), refiner)
         return job.key
 
     def _expire_queued(self) -> None:  # holding self._cond
@@ -425,7 +457,9 @@ class Engine:
                 self._deliver(job, result, rows, elapsed)
 
     def _generate(self, batch: list[Job], active: list[Job]):
-        """Run the pipeline on all rows of a batch, with the per-step callback."""
+        """Run the pipeline on all rows of a batch, with the per-step callback. With a refiner: the model stops at
+        the switch point and the refiner finishes from its latents with the same prompts, steps, sampler,
+        schedule, guidance scales and seeds (the CLI's --refiner); cancelling between the two calls stops it."""
         r0 = batch[0].request
         pipe = self.models[r0.model]
         prompts, negatives, scales, seeds = [], [], [], []
@@ -443,11 +477,31 @@ class Engine:
         log.info("batch started", extra={"jobs": [j.id for j in batch], "images": images})
         callback = _StepCallback(self, pipe, batch, active)
         kwargs = _edit_kwargs(batch, self.controlnets) | families.call_options(r0)  # equal for the batch (_key)
-        result = pipe(prompts, negative_prompt=negatives, steps=r0.steps,
-                      guidance_scale=scales if len(set(scales)) > 1 else scales[0], sampler=r0.sampler,
-                      scheduler=r0.scheduler, width=r0.width, height=r0.height, seed=seeds, callback=callback,
-                      progress=False, **kwargs)
+        common = dict(negative_prompt=negatives, steps=r0.steps, seed=seeds, callback=callback, progress=False,
+                      guidance_scale=scales if len(set(scales)) > 1 else scales[0])
+        if r0.refiner is not None:
+            kwargs["denoising_end"] = r0.refiner_switch_at
+        result = pipe(prompts, sampler=r0.sampler, scheduler=r0.scheduler, width=r0.width, height=r0.height,
+                      **common, **kwargs)
+        if r0.refiner is not None:
+            result = self._refine(r0, prompts, common, callback, result)
         self.metrics.inc("images_total", images)
+        return result
+
+    def _refine(self, r0: Request, prompts: list, common: dict, callback: "_StepCallback", first):
+        """The refiner's share of a batch (denoising_start = the switch point) from the first call's latents,
+        with the sampler and schedule that call resolved; params are the first call's (the model that drew the
+        image), with refiner and refiner_switch_at as A1111's infotext records them."""
+        callback.drop()  # a job cancelled during the last step of the first call stops here
+        refiner = self.models[r0.refiner]
+        callback.pipe, callback.offset = refiner, callback.count  # previews decode with the refiner's VAE
+        p = first.params
+        sampler = (r0.sampler, r0.scheduler) if r0.sampler is not None else (p["sampler"], p["schedule"])
+        result = refiner(prompts, image=first.latents, denoising_start=r0.refiner_switch_at, sampler=sampler[0],
+                         scheduler=sampler[1], **common)
+        handoff = ("denoising_end", "denoising_start", "latent_sigma", "nsfw")
+        result.params = ({k: v for k, v in p.items() if k not in handoff}
+                         | dict(nsfw=result.params["nsfw"], refiner=r0.refiner, refiner_switch_at=r0.refiner_switch_at))
         return result
 
     def _deliver(self, job: Job, result, rows: range, elapsed: float) -> None:
@@ -509,6 +563,7 @@ class _StepCallback:
     def __init__(self, engine: Engine, pipe, batch: list[Job], active: list[Job]):
         self.engine, self.pipe, self.batch, self.active = engine, pipe, batch, active
         self.start = self.last = time.monotonic()
+        self.count = self.offset = 0  # steps seen; steps of the earlier calls (a refiner's call counts on)
         self.rows, row = {}, 0
         for job in batch:
             self.rows[job.id] = row
@@ -517,7 +572,24 @@ class _StepCallback:
     def __call__(self, step) -> None:
         engine, now = self.engine, time.monotonic()
         engine.metrics.observe("step_seconds", now - self.last)
-        self.last = now
+        self.last, self.count = now, self.count + 1
+        self.drop(now)
+        with engine._cond:
+            engine._expire_queued()
+        previews = [j for j in self.active if j.request.preview and now - j._last_preview >= engine.preview_interval_s]
+        decoded = self._previews(step, previews) if previews else {}
+        for job in self.active:
+            data = dict(step=self.offset + step.i + 1, steps=job.request.steps, sigma=round(float(step.sigma), 5),
+                        elapsed_s=round(now - self.start, 3))
+            job.progress = data
+            if job in decoded:
+                job._last_preview = now
+                data = dict(data, preview_x=decoded[job][0], preview_x0=decoded[job][1])
+            job.emit("progress", data)
+
+    def drop(self, now: float | None = None) -> None:
+        """Drop cancelled and expired rows; raise Cancelled when none is left (or the engine is aborting)."""
+        engine, now = self.engine, time.monotonic() if now is None else now
         for job in list(self.active):
             if job.status in FINAL:  # cancelled by the client
                 self.active.remove(job)
@@ -526,18 +598,6 @@ class _StepCallback:
                 engine._finish(job, "failed", error=_deadline_message(job), failure="deadline")
         if not self.active or engine._abort:
             raise Cancelled
-        with engine._cond:
-            engine._expire_queued()
-        previews = [j for j in self.active if j.request.preview and now - j._last_preview >= engine.preview_interval_s]
-        decoded = self._previews(step, previews) if previews else {}
-        for job in self.active:
-            data = dict(step=step.i + 1, steps=job.request.steps, sigma=round(float(step.sigma), 5),
-                        elapsed_s=round(now - self.start, 3))
-            job.progress = data
-            if job in decoded:
-                job._last_preview = now
-                data = dict(data, preview_x=decoded[job][0], preview_x0=decoded[job][1])
-            job.emit("progress", data)
 
     def _previews(self, step, jobs: list[Job]) -> dict:
         """Decode x_t (VP: scaled to unit variance; flow samples already are) and the denoised estimate of each

@@ -24,6 +24,7 @@ SD_DEFAULTS = dict(steps=20, guidance_scale=7.5, sampler="dpmpp_2m")  # the nati
 VP_KINDS = ("default", "karras", "exponential")  # the schedule kinds a DiscreteSchedule spaces
 # Request fields that are family options of Pipeline.__call__ (each family takes those in its `options`)
 OPTIONS = ("max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale")
+HANDOFF_FAMILIES = ("sd", "sdxl")  # the families whose latents a refiner can finish (same layout, DDPM schedule)
 SEQUENCE_DEFAULTS = {"sd3": 256, "flux": 512}  # diffusers' max_sequence_length defaults
 
 
@@ -101,6 +102,21 @@ def check(pipe, r: Request) -> None:
         raise FieldError("control_image", f"ControlNet is for SD 1/2 models only; this is a {family.name} model")
 
 
+def check_refiner(pipe, refiner, name: str) -> None:
+    """Whether `refiner` (the served model `name`) can finish from `pipe`'s latents (diffusers' ensemble of
+    experts, Pipeline's denoising_end / denoising_start): both text-prompted DDPM models (SD, SDXL) with the same
+    latent layout (channels and VAE factor), since the latents pass as they are. Raises FieldError("refiner")."""
+    for model in (pipe, refiner):
+        if model.family.name not in HANDOFF_FAMILIES or model.sampling.kind != "vp":
+            raise FieldError("refiner", f"only SD / SDXL models hand off to a refiner; {name!r} and this model "
+                                        f"are {refiner.family.name} and {pipe.family.name} models")
+    layouts = [(m.family.latent_channels(m), m.downsample_factor) for m in (pipe, refiner)]
+    if layouts[0] != layouts[1]:
+        raise FieldError("refiner", f"{name!r} has latents of {layouts[1][0]} channels at VAE factor "
+                                    f"{layouts[1][1]}; this model's are {layouts[0][0]} at {layouts[0][1]}: its "
+                                    f"latents cannot be handed over")
+
+
 def uses_cfg(pipe, r: Request) -> bool:
     """Whether the request runs classifier-free guidance against its negative prompt."""
     if not pipe.family.negative_prompt:
@@ -169,5 +185,5 @@ def _message(error: ValueError, field: str) -> str:
     return text[len(field) + 2:] if text.startswith(f"{field}: ") else text
 
 
-__all__ = ["OPTIONS", "SD_DEFAULTS", "allowed_samplers", "call_options", "check", "conditioning_key", "describe",
-           "sampler_choice", "settings", "uses_cfg", "warm_up_call"]
+__all__ = ["OPTIONS", "SD_DEFAULTS", "allowed_samplers", "call_options", "check", "check_refiner", "conditioning_key",
+           "describe", "sampler_choice", "settings", "uses_cfg", "warm_up_call"]

@@ -57,6 +57,8 @@ class Request:
     control_image: bytes | None = None
     control_type: str | None = None  # a ControlNet the engine holds, by name
     controlnet_scale: float = 1.0
+    refiner: str | None = None  # a model this server holds that finishes from the first model's latents (SDXL)
+    refiner_switch_at: float | None = None  # in (0, 1): the schedule fraction the first model runs (0.8 with a refiner)
     shift: float | None = None  # flow models (SD3, FLUX): the schedule's shift instead of the model's
     max_sequence_length: int | None = None  # SD3, FLUX: T5 tokens (None: SD3 256, FLUX 512)
     true_cfg_scale: float | None = None  # FLUX: classifier-free guidance against the negative prompt when > 1

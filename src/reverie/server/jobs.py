@@ -35,6 +35,7 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                           image=decode_image("image", body.image), mask=decode_image("mask", body.mask),
                           strength=body.strength, control_image=decode_image("control_image", body.control_image),
                           control_type=body.control_type, controlnet_scale=body.controlnet_scale,
+                          refiner=body.refiner, refiner_switch_at=body.refiner_switch_at,
                           preview=body.preview, timeout_s=body.timeout_s, **body.family_fields())
         job = engine.submit(prepare(engine, limits, request), kind="job")
         return dict(id=job.id, position=engine.position(job), status=job.status)

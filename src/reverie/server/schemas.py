@@ -23,6 +23,8 @@ Scale = Field(None, ge=0, le=100, allow_inf_nan=False,
               description="null: the model's default (SD 7.5, SD3 7, DiT 4); FLUX: the distilled guidance (dev 3.5)")
 Sampler = Field(None, description="any name reverie.samplers.resolve accepts (GET /sdapi/v1/samplers); null: the "
                                   "model's default (SD: dpmpp_2m; others: the model folder's own scheduler)")
+SwitchAt = Field(None, gt=0, lt=1, allow_inf_nan=False,
+                 description="with a refiner: the fraction of the schedule the first model runs; null: 0.8")
 Prompt = Field(description="text; DiT models: an ImageNet class id or one of the model's label names")
 
 
@@ -92,6 +94,9 @@ class JobBody(FamilyOptions):
     control_image: str | None = Field(None, description="base64 control image")
     control_type: str | None = Field(None, description="which ControlNet (GET /v1/models lists them)")
     controlnet_scale: float = Field(1.0, ge=0, le=10, allow_inf_nan=False)
+    refiner: str | None = Field(None, description="a model id (GET /v1/models) that finishes the image from the "
+                                                  "first model's latents (SDXL's refiner; SD / SDXL models only)")
+    refiner_switch_at: float | None = SwitchAt
     preview: bool = Field(False, description="stream decoded previews with the progress events")
     timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="deadline; the server caps it")
 
@@ -144,6 +149,9 @@ class Txt2ImgBody(FamilyOptions):
     batch_size: int = Field(1, ge=1)
     n_iter: int = Field(1, ge=1)
     send_images: bool = True
+    refiner_checkpoint: str | None = Field(None, description="a name or title from /sd-models that finishes the "
+                                                             "image (SDXL's refiner); null, \"\" or \"None\": none")
+    refiner_switch_at: float | None = SwitchAt
 
 
 class Img2ImgBody(Txt2ImgBody):
