@@ -17,7 +17,10 @@ CPU, eager, fp32, batch 2 (one classifier-free-guidance step), torch.inference_m
 Weights are filled per parameter from a generator seeded by the parameter's name, so every process holds the
 same weights; the timing process checks that the outputs agree.
 
-    python bench/unet_step.py [--presets sd15 small] [--reps N] [--threads 2]
+The presets are reverie.models.unet.UNET_PRESETS and "sdxl_small" (SDXL_SMALL below: SDXL's architecture,
+text_time embedding included, at a CPU-friendly width).
+
+    python bench/unet_step.py [--presets sd15 small sdxl_small] [--reps N] [--threads 2]
 """
 
 from __future__ import annotations
@@ -33,15 +36,27 @@ import zlib
 
 import torch
 
-from reverie.models.unet import UNET_PRESETS, UNet
+from reverie.models.unet import UNET_PRESETS, UNet, UNetConfig
 
+# SDXL's layout (Podell et al. 2023) scaled down to run in seconds on 2 cores: no attention at the first level,
+# widths (320, 640, 1280) -> (32, 64, 128), transformer depth [1, 2, 10] -> [1, 2, 5], 64-dim heads as SDXL's
+# (fewer of them), linear projections, 2048-wide text features (CLIP-L + bigG) and the text_time added embedding
+# with SDXL's own sizes (6 ids x 256 + pooled 1280 = 2816)
+SDXL_SMALL = UNetConfig(sample_size=32, block_out_channels=(32, 64, 128), layers_per_block=2,
+                        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                        attention_head_dim=(1, 1, 2), transformer_layers_per_block=(1, 2, 5),
+                        cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+                        addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816)
+PRESETS = {**UNET_PRESETS, "sdxl_small": SDXL_SMALL}
 LATENT = {"sd15": 32, "sd21": 32}  # latent side per preset; others use the preset's sample_size
+TIME_IDS = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]  # SDXL: original size, crop top-left, target size
 SMALL_CONV = 256  # output pixels (B * H * W) at or below which "reverie+im2col" bypasses oneDNN
 
 
 def build(impl: str, preset: str) -> torch.nn.Module:
     """The model on the CPU with name-seeded weights: fan-in-scaled normal matrices, norm weights near 1."""
-    config = UNET_PRESETS[preset]
+    config = PRESETS[preset]
     with torch.device("meta"):
         if impl == "diffusers":
             import diffusers
@@ -60,21 +75,28 @@ def build(impl: str, preset: str) -> torch.nn.Module:
 
 
 def latent_side(preset: str) -> int:
-    return LATENT.get(preset, UNET_PRESETS[preset].sample_size)
+    return LATENT.get(preset, PRESETS[preset].sample_size)
 
 
 def inputs(preset: str, device: str = "cpu"):
-    config = UNET_PRESETS[preset]
+    """(x, t, context, added): added is SDXL's text_embeds (B, pooled) and time_ids (B, 6), or {}."""
+    config = PRESETS[preset]
     side = latent_side(preset)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, config.in_channels, side, side, generator=g).to(device)  # (B, C, H, W)
     context = torch.randn(2, 77, config.per_block("cross_attention_dim")[0], generator=g).to(device)  # (B, T, D)
-    return x, torch.tensor([801.0, 801.0], device=device), context
+    added = {}
+    if config.addition_embed_type == "text_time":
+        pooled = config.projection_class_embeddings_input_dim - len(TIME_IDS) * config.addition_time_embed_dim
+        added = dict(text_embeds=torch.randn(2, pooled, generator=g).to(device),  # (B, pooled)
+                     time_ids=torch.tensor([TIME_IDS, TIME_IDS], device=device))  # (B, 6)
+    return x, torch.tensor([801.0, 801.0], device=device), context, added
 
 
-def step(model, x, t, context):
-    out = model(x, t, context)
-    return out if torch.is_tensor(out) else out.sample
+def step(model, x, t, context, added):
+    if isinstance(model, UNet):
+        return model(x, t, context, **added)
+    return model(x, t, context, added_cond_kwargs=added or None).sample
 
 
 @contextlib.contextmanager
@@ -103,12 +125,12 @@ def vm_kib(key: str) -> int:
 
 def memory_worker(impl: str, preset: str) -> dict:
     model = build(impl, preset)
-    x, t, context = inputs(preset)
+    x, t, context, added = inputs(preset)
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size (Linux >= 4.0)
         f.write("5")
     before = vm_kib("VmRSS")
     with torch.inference_mode():
-        step(model, x, t, context)
+        step(model, x, t, context, added)
     return dict(peak_mib=(vm_kib("VmHWM") - before) / 1024, weights_mib=sum(
         p.numel() * p.element_size() for p in model.parameters()) / 2 ** 20)
 
@@ -118,17 +140,17 @@ def timing_worker(preset: str, reps: int) -> dict:
     variants = {"reverie": lambda: contextlib.nullcontext(models["reverie"]),
                 "diffusers": lambda: contextlib.nullcontext(models["diffusers"]),
                 "reverie+im2col": lambda: im2col_small_convs(models["reverie"])}
-    x, t, context = inputs(preset)
+    x, t, context, added = inputs(preset)
     times, outs = {name: [] for name in variants}, {}
     with torch.inference_mode():
         for name, variant in variants.items():  # warm-up
             with variant() as model:
-                outs[name] = step(model, x, t, context)
+                outs[name] = step(model, x, t, context, added)
         for _ in range(reps):
             for name, variant in variants.items():
                 with variant() as model:
                     t0 = time.perf_counter()
-                    step(model, x, t, context)
+                    step(model, x, t, context, added)
                     times[name].append(time.perf_counter() - t0)
     diffs = {name: (out - outs["diffusers"]).abs().max().item() for name, out in outs.items()}
     return dict(times=times, diffs=diffs)
@@ -141,9 +163,9 @@ def count_flops(impl: str, preset: str) -> int:
     with torch.device("meta"):
         if impl == "diffusers":
             import diffusers
-            model = diffusers.UNet2DConditionModel.from_config(UNET_PRESETS[preset].to_dict())
+            model = diffusers.UNet2DConditionModel.from_config(PRESETS[preset].to_dict())
         else:
-            model = UNet(UNET_PRESETS[preset])
+            model = UNet(PRESETS[preset])
         with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
             step(model, *inputs(preset, "meta"))
     return counter.get_total_flops()
@@ -170,7 +192,7 @@ def subprocess_json(*args: str, threads: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--presets", nargs="+", default=["sd15", "small"])
+    parser.add_argument("--presets", nargs="+", default=["sd15", "small", "sdxl_small"], choices=sorted(PRESETS))
     parser.add_argument("--reps", type=int, help="timed reps per model (default: 3 for sd15/sd21, else 10)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory", nargs=2, metavar=("IMPL", "PRESET"), help=argparse.SUPPRESS)
@@ -185,7 +207,7 @@ def main() -> None:
     peak = matmul_peak()
     print(f"torch {torch.__version__}, {args.threads} threads, load average {os.getloadavg()[0]:.1f} at start")
     print(f"fp32 matmul peak (2048^3, best of 5): {peak / 1e9:.1f} GFLOP/s")
-    print(f"{'preset':7} {'impl':15} {'latent':>7} {'median s':>9} {'min s':>7} {'GFLOP':>7} {'GFLOP/s':>8} "
+    print(f"{'preset':10} {'impl':15} {'latent':>7} {'median s':>9} {'min s':>7} {'GFLOP':>7} {'GFLOP/s':>8} "
           f"{'of peak':>8} {'fwd peak MiB':>13} {'max|diff|':>10}")
     for preset in args.presets:
         flops = {impl: count_flops(impl, preset) for impl in ("reverie", "diffusers")}
@@ -202,13 +224,13 @@ def main() -> None:
             mins[impl] = times[0]
             rate = flops["reverie"] / median
             mem = f"{memory[impl]['peak_mib']:.0f}" if impl in memory else "-"
-            print(f"{preset:7} {impl:15} {f'{side}x{side}':>7} {median:>9.3f} {times[0]:>7.3f} "
+            print(f"{preset:10} {impl:15} {f'{side}x{side}':>7} {median:>9.3f} {times[0]:>7.3f} "
                   f"{flops['reverie'] / 1e9:>7.1f} {rate / 1e9:>8.1f} {rate / peak:>8.1%} {mem:>13} "
                   f"{timing['diffs'][impl]:>10.1e}")
-        print(f"{preset:7} {reps} timed reps each after a warm-up; latency / diffusers' (medians, mins): " + ", ".join(
+        print(f"{preset:10} {reps} timed reps each after a warm-up; latency / diffusers' (medians, mins): " + ", ".join(
             f"{impl} {medians[impl] / medians['diffusers']:.3f}, {mins[impl] / mins['diffusers']:.3f}"
             for impl in ("reverie", "reverie+im2col")))
-        print(f"{preset:7} weights {memory['reverie']['weights_mib']:.0f} MiB (not in fwd peak)")
+        print(f"{preset:10} weights {memory['reverie']['weights_mib']:.0f} MiB (not in fwd peak)")
     print("fwd peak: resident high-water mark during one forward minus resident size before it (own process); "
           "max|diff|: largest absolute output difference from diffusers")
 

@@ -216,3 +216,37 @@ def sdxl_folder(tmp, *, refiner: bool = False) -> Path:
     else:
         pipe = StableDiffusionXLPipeline(text_encoder=text_encoder, tokenizer=clip_tokenizer(), **parts)
     return _save(pipe, tmp)
+
+
+def sdxl_inpaint_folder(tmp, *, in_channels: int = 9) -> Path:
+    """diffusers' tiny StableDiffusionXLInpaintPipeline as test_stable_diffusion_xl_inpaint.py's
+    get_dummy_components builds it (64x64 images: 32 latents), but with an inpainting UNet: in_channels 9 = 4 noisy
+    latents + 1 mask + 4 masked-image latents (diffusers' test keeps 4; in_channels=4 gives its model as it is).
+    seed 0 -> UNet (32, 64), 32 groups, text_time with 5 ids (aesthetic score) x 8 + 32 pooled = 72,
+    cross_attention_dim 64; Euler; seed 0 -> VAE; seed 0 -> one CLIPTextConfig for a CLIPTextModel and a
+    CLIPTextModelWithProjection built back to back; requires_aesthetics_score=True. tokenizer_2 pads with "!" as in
+    sdxl_folder."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLInpaintPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=32, in_channels=in_channels, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=72,
+        cross_attention_dim=64)
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                                       beta_schedule="scaled_linear", timestep_spacing="leading")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3,
+                        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+                        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"], latent_channels=4, sample_size=128)
+    torch.manual_seed(0)
+    config = CLIPTextConfig(**CLIP_CONFIG)
+    text_encoder = CLIPTextModel(config)
+    text_encoder_2 = CLIPTextModelWithProjection(config)  # no reseed: its own weights
+    pipe = StableDiffusionXLInpaintPipeline(
+        unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+        text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!"), requires_aesthetics_score=True)
+    return _save(pipe, tmp)
