@@ -186,3 +186,29 @@ def test_cli_refiner_equals_the_python_handoff(sdxl, tmp_path):
     image = Image.open(out)
     assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(second.images[0]))
     assert "Refiner switch at: 0.6" in image.info["parameters"] and "Refiner: " in image.info["parameters"]
+
+
+def test_refiner_refuses_text_to_image(refiner):
+    _, ours, _ = refiner
+    with pytest.raises(ValueError, match="image"):
+        ours("a cat", steps=2, progress=False)
+
+
+def test_sdxl_v_prediction_zero_terminal_snr_matches_diffusers(sdxl, tmp_path):
+    """A v-prediction SDXL with zero terminal SNR and trailing spacing (as such fine-tunes ship) equals diffusers."""
+    import json
+    import shutil
+
+    _, _, path = sdxl
+    folder = tmp_path / "vpred"
+    shutil.copytree(path, folder)
+    config_path = folder / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    config_path.write_text(json.dumps(config))
+    theirs = diffusers.StableDiffusionXLPipeline.from_pretrained(folder)
+    theirs.set_progress_bar_config(disable=True)
+    expected = (theirs(PROMPTS[:1], num_inference_steps=4, guidance_scale=5.0, output_type="np",
+                       generator=torch.Generator("cpu").manual_seed(8)).images * 255).round()
+    result = Pipeline.from_pretrained(folder)(PROMPTS[:1], steps=4, guidance_scale=5.0, seed=8, progress=False)
+    assert_same_images(pixels(result.images), expected)

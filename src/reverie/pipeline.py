@@ -462,7 +462,7 @@ class Pipeline:
         # what encode may need besides the prompts: SDXL's size conditioning and its None-vs-"" negative rule
         cond, uncond = family.encode(self, prompts, negatives, options | dict(
             use_cfg=use_cfg, width=width, height=height, negative_given=negative_prompt is not None,
-            img2img=source is not None))
+            img2img=source is not None, handoff=handoff is not None))
 
         # the sampling plan: this model's schedule, spaced the way the chosen sampler's family spaces it
         factor = self.downsample_factor

@@ -65,6 +65,9 @@ class SDXL(Family):
         refiner = pipe.settings["requires_aesthetics_score"]
         if not refiner and options.get("aesthetic_score") is not None:
             raise ValueError("aesthetic_score: only a refiner (requires_aesthetics_score) takes one")
+        if refiner and not (options["img2img"] or options["handoff"]):
+            raise ValueError("image: an SDXL refiner refines; give it an image (img2img) or a base model's latents "
+                             "with denoising_start, not a text-to-image request")
         score = options.get("aesthetic_score", 6.0) if refiner else None
         positive = sdxl_time_ids(original, crops, target, aesthetic_score=score)
         negative = sdxl_negative_time_ids(
