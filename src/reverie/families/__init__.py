@@ -127,6 +127,16 @@ class Family:
         return {"family": self.name}
 
 
+def per_prompt(name: str, value, prompts: list) -> list:
+    """An option given once or once per prompt, as one value per row of `prompts` (rows repeat per image)."""
+    if value is None:
+        return list(prompts)
+    values = [value] if isinstance(value, str) else list(value)
+    if not values or not all(isinstance(v, str) for v in values) or len(prompts) % len(values):
+        raise ValueError(f"{name} must be a string or a list with one string per prompt; got {value!r}")
+    return [v for v in values for _ in range(len(prompts) // len(values))]
+
+
 def _dtype_call(module, dtype):
     """net(x, t, **cond) running `module` in `dtype` and returning float32: sampling runs in float32, the network
     in the pipeline's dtype. Timesteps stay float32 (fp16 cannot hold fractional timesteps near 1000)."""

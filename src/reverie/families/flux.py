@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import Family
-from .sd3 import per_prompt
+from . import Family, per_prompt
 
 
 class Flux(Family):

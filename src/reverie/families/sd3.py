@@ -7,17 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Family, _dtype_call
-
-
-def per_prompt(name: str, value, prompts: list) -> list:
-    """An option given once or once per prompt, as one value per row of `prompts` (rows repeat per image)."""
-    if value is None:
-        return list(prompts)
-    values = [value] if isinstance(value, str) else list(value)
-    if not values or not all(isinstance(v, str) for v in values) or len(prompts) % len(values):
-        raise ValueError(f"{name} must be a string or a list with one string per prompt; got {value!r}")
-    return [v for v in values for _ in range(len(prompts) // len(values))]
+from . import Family, _dtype_call, per_prompt
 
 
 class SD3(Family):

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import Family
-from .sd3 import per_prompt
+from . import Family, per_prompt
 
 
 class SDXL(Family):
