@@ -5,7 +5,8 @@ ControlNets' residuals at every step.
 
 The wrapper sits around the network, below the denoiser: `ControlledUNet(unet, controls, timesteps)` is called
 like the UNet, runs each ControlNet on the same (scaled) input, timestep and text, and passes the sum of their
-residuals to the UNet (diffusers' StableDiffusionControlNetPipeline and MultiControlNetModel, step for step).
+residuals to the UNet (diffusers' StableDiffusionControlNetPipeline and MultiControlNetModel, step for step; for
+SDXL, StableDiffusionXLControlNetPipeline: the pooled text and time ids go to the ControlNets too).
 A ControlNet is active at step i of n unless i / n < start or (i + 1) / n > end (diffusers' control_guidance
 start and end). Classifier-free guidance batches (uncond, cond) get the control on both halves; in guess mode
 only the conditional half does, with residuals scaled from 0.1 at the first skip to 1 at the mid block.
@@ -321,33 +322,40 @@ class ControlledUNet(nn.Module):
         t = float(torch.as_tensor(timestep).reshape(-1)[0])
         return int((self.timesteps - t).abs().argmin())
 
-    def forward(self, sample: Tensor, timestep, encoder_hidden_states: Tensor) -> Tensor:
+    def forward(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, *, text_embeds: Tensor | None = None,
+                time_ids: Tensor | None = None) -> Tensor:
+        """text_embeds (B, pooled dim) and time_ids (B, n): SDXL's added conditioning, given to the ControlNets
+        and to the UNet alike (None for SD)."""
         i, n = self.step_index(timestep), len(self.timesteps)
+        added = {k: v for k, v in (("text_embeds", text_embeds), ("time_ids", time_ids)) if v is not None}
         down = mid = None
         for c in self.controls:
             scale = c.scale if c.active(i, n) else 0.0
             if scale == 0:  # diffusers runs it and multiplies by 0: adding nothing is the same, exactly
                 continue
-            d, m = self._residuals(c, sample, timestep, encoder_hidden_states, scale)
+            d, m = self._residuals(c, sample, timestep, encoder_hidden_states, scale, added)
             down = d if down is None else [a + b for a, b in zip(down, d)]
             mid = m if mid is None else mid + m
         return self.unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid)
+                         mid_block_additional_residual=mid, **added)
 
-    def _residuals(self, c: Control, sample, timestep, context, scale):
+    def _residuals(self, c: Control, sample, timestep, context, scale, added: dict):
         """One ControlNet's residuals for a batch of len(c.image) images, or a CFG batch (uncond, cond) of twice
-        that: the control goes to both halves, or in guess mode to the conditional half only (zeros elsewhere)."""
+        that: the control goes to both halves, or in guess mode to the conditional half only (zeros elsewhere;
+        the added conditioning `added` is cut to that half too)."""
         B, n = len(sample), len(c.image)
         t = torch.as_tensor(timestep, device=sample.device)
         t = t.expand(B) if t.ndim == 0 or len(t) == 1 else t
         if B == n:
-            return c.controlnet(sample, t, context, c.image, conditioning_scale=scale, guess_mode=self.guess_mode)
+            return c.controlnet(sample, t, context, c.image, conditioning_scale=scale, guess_mode=self.guess_mode,
+                                **added)
         if B != 2 * n:
             raise ValueError(f"ControlledUNet: a batch of {B} does not fit {n} control images (nor {2 * n} with "
                              f"classifier-free guidance)")
         if not self.guess_mode:
-            return c.controlnet(sample, t, context, torch.cat([c.image, c.image]), conditioning_scale=scale)
-        down, mid = c.controlnet(sample[n:], t[n:], context[n:], c.image, conditioning_scale=scale, guess_mode=True)
+            return c.controlnet(sample, t, context, torch.cat([c.image, c.image]), conditioning_scale=scale, **added)
+        down, mid = c.controlnet(sample[n:], t[n:], context[n:], c.image, conditioning_scale=scale, guess_mode=True,
+                                 **{k: v[n:] for k, v in added.items()})
         return [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
 
 
@@ -361,6 +369,9 @@ def check_fits(controlnet, unet: nn.Module, vae_factor: int) -> None:
                          f"layers_per_block={c.layers_per_block}); this model's UNet has "
                          f"{', '.join(f'{k}={getattr(u, k)}' for k in layout)}, "
                          f"layers_per_block={u.layers_per_block}")
+    if c.addition_embed_type != u.addition_embed_type:
+        raise ValueError(f"controlnet: its addition_embed_type is {c.addition_embed_type!r} but this model's UNet's is "
+                         f"{u.addition_embed_type!r} (an SDXL UNet needs an SDXL ControlNet, and an SD UNet an SD one)")
     if controlnet.downsample_factor != vae_factor:
         raise ValueError(f"controlnet: its control encoder downsamples {controlnet.downsample_factor}x but this "
                          f"model's VAE {vae_factor}x (conditioning_embedding_out_channels needs "

@@ -410,8 +410,8 @@ class Pipeline:
         also "simple", "normal", "sgm_uniform", "beta"). seed: int (one generator for the batch, like
         diffusers) or a list with one seed per image. width and height default to the model's native size.
 
-        ControlNet (SD; diffusers' names; see reverie.control.prepare): controlnet (a ControlNet, a folder, or
-        a list), control_image (then the default size is its size), controlnet_conditioning_scale,
+        ControlNet (SD 1/2, SDXL; diffusers' names; see reverie.control.prepare): controlnet (a ControlNet, a folder,
+        or a list), control_image (then the default size is its size), controlnet_conditioning_scale,
         control_guidance_start / _end (fractions of the steps), guess_mode.
 
         img2img and inpainting (see reverie.edit.prepare): image (PIL, path, list with one per prompt, or
@@ -426,8 +426,12 @@ class Pipeline:
         `image` ((B, C, h, w) latents, no noise added) and runs the rest of the same schedule.
 
         shift (flow models): the schedule's shift for this call (ComfyUI's ModelSamplingSD3), instead of the
-        model's (and instead of dynamic shifting, for FLUX dev). Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
-        skip_layer_guidance_scale / _start / _stop; FLUX max_sequence_length, prompt_2, true_cfg_scale."""
+        model's (and instead of dynamic shifting, for FLUX dev).
+
+        Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
+        skip_layer_guidance_scale / _start / _stop; FLUX max_sequence_length, prompt_2, true_cfg_scale; SDXL
+        prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size (and negative_*),
+        aesthetic_score, negative_aesthetic_score (refiners)."""
         family = self.family
         options = family.check_options(options)
         if clip_skip is not None:
@@ -440,7 +444,8 @@ class Pipeline:
         steps = _check_int("steps", steps, 1, self.schedule.num_train_timesteps)
         num_images = _check_int("num_images", num_images, 1)
         if controlnet is not None and not family.controlnet:
-            raise ValueError(f"controlnet: ControlNet is not available for {family.name} models (only SD 1/2)")
+            raise ValueError(f"controlnet: ControlNet is not available for {family.name} models (only SD 1/2 and "
+                             f"SDXL)")
         width, height = control.default_size(control_image, width, height, self.size_multiple)
         handoff = _check_handoff(denoising_end, denoising_start, image, mask_image, strength, latents)
         if handoff is not None:  # denoising_start: `image` holds latents, not pixels

@@ -15,6 +15,7 @@ class SDXL(Family):
     pipeline_classes = ("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline",
                         "StableDiffusionXLInpaintPipeline")
     network = "unet"
+    controlnet = True  # reverie.control.ControlledUNet passes text_embeds and time_ids on to the ControlNets
     defaults = dict(steps=50, guidance_scale=5.0, sampler=None)  # diffusers' defaults; the folder's scheduler
     options = ("prompt_2", "negative_prompt_2", "original_size", "crops_coords_top_left", "target_size",
                "negative_original_size", "negative_crops_coords_top_left", "negative_target_size",

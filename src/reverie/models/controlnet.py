@@ -6,6 +6,9 @@ residual per skip connection plus one for the mid block, which a frozen UNet add
 Every output passes through a zero-initialised 1x1 conv ("zero convolution"), and so does the control image's
 embedding, so a new ControlNet adds exactly zero: training starts from the frozen model's own behaviour.
 
+For SDXL (addition_embed_type="text_time") the ControlNet also takes the UNet's added conditioning, the pooled
+text embedding and the micro-conditioning ids (`text_embeds=`, `time_ids=`), into its time embedding.
+
 Config keys and parameter names are those of diffusers' ControlNetModel: its config.json builds the same network
 and its state dict loads strictly, no key map.
 """
@@ -21,17 +24,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..schedules import _check_choice
-from .layers import Attention, set_attention_slice, timestep_embedding
+from .layers import Attention, TimestepEmbedding, set_attention_slice, timestep_embedding
 from .unet import DOWN_BLOCK_TYPES, UNet, UNetConfig, build_encoder, config_kwargs
 
 CHANNEL_ORDERS = ("rgb", "bgr")
 # diffusers ControlNetModel keys for features reverie does not implement: the only value each may take
 FIXED_KEYS = {
-    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None, "addition_embed_type": None,
-    "addition_time_embed_dim": None, "num_class_embeds": None, "resnet_time_scale_shift": "default",
-    "projection_class_embeddings_input_dim": None,
+    "encoder_hid_dim": None, "encoder_hid_dim_type": None, "class_embed_type": None, "num_class_embeds": None,
+    "resnet_time_scale_shift": "default",
 }
-IGNORED_KEYS = ("addition_embed_type_num_heads",)  # only used by addition embeddings reverie does not build
+IGNORED_KEYS = ("addition_embed_type_num_heads",)  # only used by addition embeddings reverie does not build ("text")
 UP_BLOCK = {"CrossAttnDownBlock2D": "CrossAttnUpBlock2D", "DownBlock2D": "UpBlock2D"}
 
 
@@ -65,6 +67,10 @@ class ControlNetConfig:
     # 2 ** (len - 1) times; that must be the VAE's factor (8 for SD: 4 entries; 4 for the shapes model: 3)
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)
     global_pool_conditions: bool = False  # residuals averaged over space (shuffle-style ControlNets)
+    # SDXL's micro-conditioning, as in UNetConfig: the pooled text and the size/crop ids join the time embedding
+    addition_embed_type: str | None = None  # None or "text_time" (SDXL)
+    addition_time_embed_dim: int | None = None  # sinusoid width per time id (256 in SDXL); text_time only
+    projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled dim + ids * time dim
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # JSON lists -> tuples
@@ -105,9 +111,6 @@ class ControlNetConfig:
             shared[name] = values.pop()
         if unet.encoder_hid_dim is not None:
             raise ValueError("ControlNet: a UNet with encoder_hid_dim (a text projection) is not supported yet")
-        if unet.addition_embed_type is not None:
-            raise ValueError(f"ControlNet: a UNet with addition_embed_type={unet.addition_embed_type!r} (SDXL) is not "
-                             f"supported yet")
         if unet.mid_block_type is None:
             raise ValueError("ControlNet: the UNet has no mid block (mid_block_type=None); a ControlNet needs one")
         if unet.conv_in_kernel != 3 or unet.time_embedding_dim not in (None, 4 * unet.block_out_channels[0]):
@@ -179,6 +182,9 @@ class ControlNet(nn.Module):
         u = c.unet_config()
         chans = c.block_out_channels
         self.conv_in, self.time_embedding, self.down_blocks, self.mid_block = build_encoder(u)
+        # SDXL: the same added embedding as the UNet's (diffusers' add_time_proj has no parameters)
+        self.add_embedding = (None if c.addition_embed_type is None else
+                              TimestepEmbedding(c.projection_class_embeddings_input_dim, 4 * chans[0]))
         self.controlnet_cond_embedding = ControlNetConditioningEmbedding(chans[0], c.conditioning_channels,
                                                                          c.conditioning_embedding_out_channels)
         # one zero conv per skip connection: conv_in's output, every resnet's, every downsampler's
@@ -195,15 +201,17 @@ class ControlNet(nn.Module):
     def from_unet(cls, unet: UNet, *, downsample_factor: int | None = None, copy_weights: bool = True,
                   **overrides) -> "ControlNet":
         """A ControlNet for `unet`: its config, and (copy_weights) the weights of its conv_in, time embedding,
-        down blocks and mid block, as diffusers' ControlNetModel.from_unet. downsample_factor: the VAE's
-        (sets conditioning_embedding_out_channels, e.g. (16, 32, 96) for 4; None: diffusers' default, for 8).
+        added (SDXL text_time) embedding, down blocks and mid block, as diffusers' ControlNetModel.from_unet.
+        downsample_factor: the VAE's (sets conditioning_embedding_out_channels, e.g. (16, 32, 96) for 4; None:
+        diffusers' default, for 8).
         overrides: other ControlNetConfig fields."""
         if downsample_factor is not None:
             overrides.setdefault("conditioning_embedding_out_channels", conditioning_channels_for(downsample_factor))
         net = cls(ControlNetConfig.from_unet(unet.config, **overrides))
         if copy_weights:
-            for name in ("conv_in", "time_embedding", "down_blocks", "mid_block"):
-                getattr(net, name).load_state_dict(getattr(unet, name).state_dict())
+            for name in ("conv_in", "time_embedding", "add_embedding", "down_blocks", "mid_block"):
+                if getattr(net, name) is not None:
+                    getattr(net, name).load_state_dict(getattr(unet, name).state_dict())
         return net.to(next(unet.parameters()).device, next(unet.parameters()).dtype)
 
     @classmethod
@@ -223,9 +231,12 @@ class ControlNet(nn.Module):
         set_attention_slice(self, slice_size)
 
     def forward(self, sample: Tensor, timestep, encoder_hidden_states: Tensor, controlnet_cond: Tensor, *,
-                conditioning_scale: float = 1.0, guess_mode: bool = False) -> tuple[list[Tensor], Tensor]:
+                conditioning_scale: float = 1.0, guess_mode: bool = False, text_embeds: Tensor | None = None,
+                time_ids: Tensor | None = None) -> tuple[list[Tensor], Tensor]:
         """sample (B, in_channels, h, w), timestep (B,) or scalar, encoder_hidden_states (B, T, D),
         controlnet_cond (B, conditioning_channels, h * f, w * f) in [0, 1] -> (down residuals, mid residual).
+        text_embeds (B, pooled dim) and time_ids (B, n): SDXL's added conditioning, as UNet.forward takes them
+        (required with addition_embed_type="text_time", refused otherwise).
 
         Residuals are multiplied by conditioning_scale; guess_mode scales them from 0.1 (first skip) to 1 (mid
         block) on a log scale, as diffusers does for prompt-free control."""
@@ -242,6 +253,11 @@ class ControlNet(nn.Module):
         t = UNet._timesteps(self, timestep, sample)  # same broadcasting rules as the UNet
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)
         temb = self.time_embedding(temb.to(sample.dtype))  # (B, 4 * C0)
+        if self.add_embedding is not None:  # same checks and arithmetic as the UNet's
+            temb = temb + UNet._text_time_embedding(self, text_embeds, time_ids, len(sample), temb.dtype)
+        elif text_embeds is not None or time_ids is not None:
+            raise ValueError("text_embeds and time_ids are only used with addition_embed_type='text_time'; this "
+                             "ControlNet has addition_embed_type=None")
 
         h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)  # (B, C0, h, w)
         skips = [h]

@@ -99,7 +99,7 @@ def check(pipe, r: Request) -> None:
     elif r.skip_layer_guidance_scale is not None:
         raise FieldError("skip_layer_guidance_scale", "needs skip_guidance_layers")
     if r.control_image is not None and not family.controlnet:
-        raise FieldError("control_image", f"ControlNet is for SD 1/2 models only; this is a {family.name} model")
+        raise FieldError("control_image", f"ControlNet is for SD 1/2 and SDXL models only; this is a {family.name} model")
 
 
 def check_refiner(pipe, refiner, name: str) -> None:
