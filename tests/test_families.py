@@ -9,26 +9,15 @@ import torch
 
 from reverie import Pipeline
 
-from tiny_families import dit_folder, flux_folder, sd3_folder
+from tiny_families import (assert_same_images, dit_folder, flux_folder, pixels, sd3_folder, source_image,
+                           theirs_pixels)
 
 diffusers = pytest.importorskip("diffusers")
 
 PROMPTS = ["A painting of a squirrel eating a burger", "a red circle above a blue square"]
 
 
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
 
-
-def theirs_pixels(out) -> np.ndarray:
-    return (np.asarray(out.images, dtype=np.float64) * 255).round()
-
-
-def assert_same_images(ours, theirs, tol=0.02):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours - theirs).mean()
-    assert diff <= tol, f"mean abs pixel difference {diff:.4f} > {tol}"
-    assert ours.std() > 1  # the images are not flat: the comparison means something
 
 
 def gen(seed=0):
@@ -150,14 +139,6 @@ def test_flux_refuses_bad_sizes_and_samplers(flux):
 
 # --- img2img on flow models ----------------------------------------------------------------------------------
 
-
-def source_image(size, seed=3):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
-    return Image.fromarray((0.6 * ramp + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype("uint8"))
 
 
 @pytest.mark.parametrize("strength", [0.6, 1.0])

@@ -8,22 +8,13 @@ import torch
 
 from reverie import Pipeline
 
-from tiny_families import sdxl_folder
+from tiny_families import assert_same_images, pixels, sdxl_folder, source_image
 
 diffusers = pytest.importorskip("diffusers")
 
 PROMPTS = ["A painting of a squirrel eating a burger", "a red circle above a blue square"]
 
 
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
-
-
-def assert_same_images(ours, theirs, tol=0.02):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours - theirs).mean()
-    assert diff <= tol, f"mean abs pixel difference {diff:.4f} > {tol}"
-    assert ours.std() > 1
 
 
 @pytest.fixture(scope="module")
@@ -77,14 +68,6 @@ def test_sdxl_refuses_what_it_lacks(sdxl):
     with pytest.raises(ValueError, match="controlnet"):
         ours("a cat", steps=1, controlnet="shapes-segmentation", progress=False)
 
-
-def source_image(size, seed=3):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    w, h = size
-    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
-    return Image.fromarray((0.6 * ramp + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype("uint8"))
 
 
 def test_sdxl_img2img_matches_diffusers(sdxl):

@@ -13,7 +13,7 @@ from reverie.loading import load_controlnet
 from reverie.models.controlnet import ControlNet, ControlNetConfig
 from reverie.models.unet import UNet
 
-from tiny_families import CLIP_CONFIG, clip_tokenizer
+from tiny_families import CLIP_CONFIG, clip_tokenizer, pixels
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -151,9 +151,6 @@ def control_image(size=(64, 64), seed=3):
     w, h = size
     return Image.fromarray(g.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h), Image.NEAREST)
 
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
 
 
 PROMPT = "A painting of a squirrel eating a burger"

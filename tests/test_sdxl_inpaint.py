@@ -25,7 +25,7 @@ from PIL import Image, ImageDraw
 
 from reverie import Pipeline
 
-from tiny_families import sdxl_folder, sdxl_inpaint_folder
+from tiny_families import pixels, sdxl_folder, sdxl_inpaint_folder
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -51,9 +51,6 @@ def box_mask(box, size=SIZE) -> Image.Image:
 MASK = box_mask((16, 12, 47, 43))  # pixels 16..47 x 12..43: whole 2x2 latent cells
 INSIDE = np.asarray(MASK) > 127
 
-
-def pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
 
 
 def open_pair(path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 CLIP_CONFIG = dict(bos_token_id=0, eos_token_id=2, hidden_size=32, intermediate_size=37, layer_norm_eps=1e-05,
@@ -250,3 +251,33 @@ def sdxl_inpaint_folder(tmp, *, in_channels: int = 9) -> Path:
         unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
         text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!"), requires_aesthetics_score=True)
     return _save(pipe, tmp)
+
+
+# --- comparing images (the family parity tests) -----------------------------------------------------------------
+
+
+def pixels(images) -> np.ndarray:
+    """PIL images -> (B, H, W, 3) float64 on 0..255."""
+    return np.stack([np.asarray(im, dtype=np.float64) for im in images])
+
+
+def theirs_pixels(out) -> np.ndarray:
+    """A diffusers output with output_type="np" -> the same, rounded as PIL rounds."""
+    return (np.asarray(out.images, dtype=np.float64) * 255).round()
+
+
+def assert_same_images(ours, theirs, tol=0.02):
+    assert ours.shape == theirs.shape
+    diff = np.abs(ours - theirs).mean()
+    assert diff <= tol, f"mean abs pixel difference {diff:.4f} > {tol}"
+    assert ours.std() > 1  # the images are not flat: the comparison means something
+
+
+def source_image(size, seed=3):
+    """A (width, height) RGB test image: a horizontal ramp plus noise."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    return Image.fromarray((0.6 * ramp + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype("uint8"))
