@@ -24,6 +24,9 @@ class Recording:
     def __init__(self, pipe, crash_on: int | None = None):
         self.pipe, self.crash_on, self.calls = pipe, crash_on, []
 
+    def __getattr__(self, name):  # family, settings, ...: the pipeline's
+        return getattr(self.pipe, name)
+
     def __call__(self, prompts, **kwargs):
         self.calls.append((list(prompts), list(kwargs["seed"])))
         if len(self.calls) == self.crash_on:

@@ -119,20 +119,27 @@ def plan(requests: list[dict], base_seed: int = 0) -> list[Job]:
     return jobs
 
 
-def chunks(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """Compatible jobs (same SHARED fields) in groups of at most batch_size, in order of first appearance."""
+def chunks(jobs: list[Job], batch_size: int, *, negative_given: bool = False) -> list[list[Job]]:
+    """Compatible jobs (same SHARED fields) in groups of at most batch_size, in order of first appearance.
+    negative_given=True also keeps jobs with and without a negative prompt apart (for models where no negative
+    is not "": Family.zeroes_absent_negative)."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1; got {batch_size!r}")
     groups: dict[tuple, list[Job]] = {}
     for job in jobs:
-        groups.setdefault(job.key, []).append(job)
+        key = job.key + ((job.request["negative_prompt"] is not None,) if negative_given else ())
+        groups.setdefault(key, []).append(job)
     return [group[i:i + batch_size] for group in groups.values() for i in range(0, len(group), batch_size)]
 
 
 def _generate(pipe, chunk: list[Job]):
     r = chunk[0].request
-    negatives = [j.request["negative_prompt"] or "" for j in chunk]  # "" is CFG's default negative
-    return pipe([j.request["prompt"] for j in chunk], negative_prompt=negatives if any(negatives) else None,
+    negatives = [j.request["negative_prompt"] for j in chunk]
+    if all(n is None for n in negatives):
+        negatives = None  # the model's own default (SDXL: zeros)
+    else:  # "" is CFG's default negative (chunks keeps None apart where the model makes it differ)
+        negatives = [n or "" for n in negatives]
+    return pipe([j.request["prompt"] for j in chunk], negative_prompt=negatives,
                 steps=r["steps"], guidance_scale=r["guidance_scale"], guidance_rescale=r["guidance_rescale"],
                 sampler=r["sampler"], scheduler=r["scheduler"], width=r["width"], height=r["height"],
                 clip_skip=r["clip_skip"], seed=[j.seed for j in chunk], progress=False)
@@ -173,7 +180,7 @@ def run_batch(pipe, requests: list[dict], out, *, batch_size: int = 4, base_seed
     records = {job.index: r for job in jobs if (r := _existing(out, job)) is not None}
     todo = [job for job in jobs if job.index not in records]
     with tqdm(total=len(jobs), initial=len(records), unit="image", desc="batch", disable=not progress) as bar:
-        for chunk in chunks(todo, batch_size):
+        for chunk in chunks(todo, batch_size, negative_given=pipe.family.zeroes_absent_negative(pipe)):
             result = _generate(pipe, chunk)
             for i, job in enumerate(chunk):
                 params = image_params(result.params, i, record_batch=True)

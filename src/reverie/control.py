@@ -359,6 +359,15 @@ class ControlledUNet(nn.Module):
         return [torch.cat([torch.zeros_like(d), d]) for d in down], torch.cat([torch.zeros_like(mid), mid])
 
 
+def fits(controlnet, unet: nn.Module, vae_factor: int) -> bool:
+    """Whether the ControlNet's residuals fit the UNet and its control encoder the VAE's factor (check_fits)."""
+    try:
+        check_fits(controlnet, unet, vae_factor)
+    except ValueError:
+        return False
+    return True
+
+
 def check_fits(controlnet, unet: nn.Module, vae_factor: int) -> None:
     """A ValueError unless the ControlNet's residuals fit the UNet and its control encoder the VAE's factor."""
     c, u = controlnet.config, unet.config

@@ -514,6 +514,8 @@ class Pipeline:
             images = plan.paste(self.decode_latents(x))
         else:  # still noisy: the latents go on to the next expert; the images only preview them
             images = plan.paste(self.decode_latents(sampling.finish(x, sigmas)))
+        if negative_prompt is None and negatives is not None and family.zeroes_absent_negative(self):
+            negatives = [None] * len(negatives)  # what regenerates the image: zeros, not ""
         params = dict(prompt=prompts, negative_prompt=negatives, steps=steps, guidance_scale=guidance_scale,
                       guidance_rescale=guidance_rescale, sampler=choice.name, schedule=choice.schedule,
                       sampler_options=choice.options, width=width, height=height, seeds=seeds,

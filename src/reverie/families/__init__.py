@@ -56,6 +56,11 @@ class Family:
 
         return FlowSchedule.from_config(scheduler_config)
 
+    def zeroes_absent_negative(self, pipe) -> bool:
+        """Whether a call without a negative prompt guides against zero embeddings rather than the empty prompt's
+        (SDXL base: force_zeros_for_empty_prompt): then no negative and "" are different requests."""
+        return False
+
     def settings(self, pipe) -> dict:
         """Default steps, guidance_scale and sampler for this model (FLUX schnell differs from dev)."""
         return dict(self.defaults)

@@ -35,6 +35,9 @@ class SDXL(Family):
                                       requires_aesthetics_score=index.get("requires_aesthetics_score", False))
         return components, scheduler_config
 
+    def zeroes_absent_negative(self, pipe) -> bool:
+        return pipe.settings["force_zeros_for_empty_prompt"]
+
     def load_single_file(self, path: Path, **options):
         """An SGM single file (sd_xl_base_1.0.safetensors, sd_xl_refiner_1.0.safetensors): see
         reverie.sdxl_files.load_sdxl_single_file (config=, tokenizer=, vae=)."""

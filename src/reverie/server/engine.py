@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .. import control
 from ..loading import load_controlnet
 from ..metadata import image_params, png_bytes
 from ..pipeline import MAX_SEED, Pipeline, to_pil
@@ -248,13 +249,24 @@ class Engine:
             raise FieldError("mask", "a mask needs an image to inpaint")
         if request.image is not None and not _accepts(pipe, "image"):
             raise FieldError("image", "this server's pipeline cannot do img2img or inpainting yet")
-        if request.control_image is not None and request.control_type not in self.controlnets:
-            raise FieldError("control_type", f"must be one of {sorted(self.controlnets)} (the ControlNets this "
-                                             f"server holds); got {request.control_type!r}")
+        if request.control_image is not None and request.control_type not in self.controlnets_for(pipe):
+            held = "" if request.control_type not in self.controlnets else (
+                f"; {request.control_type!r} is made for another UNet (an SD ControlNet for SD models, an SDXL one "
+                "for SDXL)")
+            raise FieldError("control_type", f"must be one of {self.controlnets_for(pipe)} (the ControlNets this "
+                                             f"server holds for {model!r}); got {request.control_type!r}{held}")
         switch = self._check_refiner(pipe, request)
         seed = request.seed if request.seed is not None and request.seed >= 0 else random.randint(0, MAX_SEED)
         return dataclasses.replace(request, model=model, width=width, height=height, seed=seed,
                                    refiner_switch_at=switch)
+
+    def controlnets_for(self, pipe) -> list[str]:
+        """The names of the held ControlNets whose residuals fit the model's UNet (what its requests'
+        control_type may name); a ControlNet still loading counts as fitting until it is loaded."""
+        if not pipe.family.controlnet:
+            return []
+        return sorted(name for name, net in self.controlnets.items()
+                      if isinstance(net, (str, Path)) or control.fits(net, pipe.unet, pipe.downsample_factor))
 
     def _check_refiner(self, pipe, r: Request) -> float | None:
         """The refiner's switch point (default REFINER_SWITCH_AT), after checking that the refiner is held, takes

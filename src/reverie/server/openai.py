@@ -54,10 +54,10 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
     def models() -> dict:
         """The models this server holds (the first is the default): native size, family, schedule kind ("vp" or
         "flow"), size multiple, the defaults a request gets, the family options it takes, the samplers that run on
-        it, its shift (flow models), and the ControlNets (SD models)."""
+        it, its shift (flow models), and the ControlNets that fit it (SD and SDXL models)."""
         data = []
         for name, pipe in engine.models.items():
-            controls = sorted(engine.controlnets) if pipe.family.controlnet else []  # what control_type may name
+            controls = engine.controlnets_for(pipe)  # what control_type may name
             data.append(dict(id=name, object="model", owned_by="reverie", default=name == engine.default_model,
                              width=pipe.default_size, height=pipe.default_size, controlnets=controls,
                              **families.describe(pipe)))
