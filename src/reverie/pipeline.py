@@ -467,7 +467,9 @@ class Pipeline:
         # what encode may need besides the prompts: SDXL's size conditioning and its None-vs-"" negative rule
         cond, uncond = family.encode(self, prompts, negatives, options | dict(
             use_cfg=use_cfg, width=width, height=height, negative_given=negative_prompt is not None,
-            img2img=source is not None, handoff=handoff is not None))
+            img2img=source is not None, handoff=handoff is not None, guidance_scale=guidance_scale))
+        if uncond is None:  # the family has no unconditional side (LCM: the guidance scale is a network input)
+            use_cfg, cfg_scale, negatives = False, 1.0, None
 
         # the sampling plan: this model's schedule, spaced the way the chosen sampler's family spaces it
         factor = self.downsample_factor
@@ -508,7 +510,8 @@ class Pipeline:
                                                      self._guard_previews(callback, prompts),
                                                      disable=not progress) as bar:
                 if len(sigmas) > 1:  # img2img at strength 0 has nothing to denoise
-                    x = sampling.run(choice, guided, x, sigmas, generator=generator, callback=bar)
+                    x = sampling.run(choice.for_schedule(sampling.schedule), guided, x, sigmas, generator=generator,
+                                     callback=bar)
         if denoising_end is None:
             x = plan.finish(sampling.finish(x, sigmas))  # inpainting: exactly the image's latents outside the mask
             images = plan.paste(self.decode_latents(x))

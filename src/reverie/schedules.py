@@ -23,7 +23,7 @@ from torch import Tensor
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
 SIGMA_KINDS = ("default", "karras", "exponential")
-FAMILIES = ("k", "multistep", "ddim", "ddpm")
+FAMILIES = ("k", "multistep", "ddim", "ddpm", "lcm")
 TIMESTEP_MAPPINGS = ("linear", "log", "round", "floor")
 
 
@@ -138,18 +138,40 @@ def _check_sigma_range(sigma_min: float, sigma_max: float) -> None:
         raise ValueError(f"sigma_min ({sigma_min}) must not exceed sigma_max ({sigma_max})")
 
 
+def lcm_timesteps(steps: int, num_train_timesteps: int = 1000, original_steps: int = 50,
+                  strength: float = 1.0) -> np.ndarray:
+    """The timesteps (descending) diffusers' LCMScheduler visits: `steps` of them, evenly spaced in index over
+    the skipping-step schedule the model was distilled on (Luo et al. 2023, section 4.3: k = T // original_steps,
+    timesteps k - 1, 2k - 1, ...), of which img2img keeps the first int(original_steps * strength)."""
+    _check_steps(steps)
+    T = num_train_timesteps
+    if isinstance(original_steps, bool) or not isinstance(original_steps, int) or not 1 <= original_steps <= T:
+        raise ValueError(f"original_inference_steps must be an integer in [1, {T}]; got {original_steps!r}")
+    if not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1]; got {strength!r}")
+    origin = np.arange(1, int(original_steps * strength) + 1) * (T // original_steps) - 1
+    if steps > len(origin):
+        raise ValueError(f"steps must be at most original_inference_steps x strength ({len(origin)}) for the lcm "
+                         f"family (its timesteps are a subset of that schedule); got {steps}")
+    index = np.floor(np.linspace(0, len(origin), steps, endpoint=False)).astype(np.int64)
+    return np.ascontiguousarray(origin[::-1][index], dtype=np.float64)
+
+
 def spaced_timesteps(
     steps: int,
     spacing: str = "leading",
     num_train_timesteps: int = 1000,
     steps_offset: int = 0,
     family: str = "k",
+    original_steps: int = 50,
 ) -> np.ndarray:
     """The timesteps (descending) a diffusers scheduler of `family` visits for `spacing`.
 
     The families differ (Table 2 of Lin et al. 2023 describes the spacings; the per-family details are
     diffusers'): "k" (Euler, Heun, LMS, Euler a) keeps fractional linspace timesteps; "multistep"
-    (DPM-Solver++, UniPC) spaces n + 1 rounded points and drops the last; "ddim" (DDIM) and "ddpm" (DDPM) round.
+    (DPM-Solver++, UniPC) spaces n + 1 rounded points and drops the last; "ddim" (DDIM) and "ddpm" (DDPM) round;
+    "lcm" (LCMScheduler) ignores the spacing and steps_offset, as diffusers does, and takes `lcm_timesteps` of
+    an `original_steps` schedule.
     """
     _check_steps(steps)
     _check_choice("timestep_spacing", spacing, SPACINGS)
@@ -157,6 +179,8 @@ def spaced_timesteps(
     T = num_train_timesteps
     if steps > T:
         raise ValueError(f"steps must be at most num_train_timesteps ({T}); got {steps}")
+    if family == "lcm":
+        return lcm_timesteps(steps, T, original_steps)
     n = steps + 1 if family == "multistep" else steps
     if spacing == "linspace":
         t = np.linspace(0, T - 1, n)
@@ -189,6 +213,7 @@ class DiscreteSchedule:
     steps_offset: int = 0  # added to "leading" timesteps (Stable Diffusion uses 1)
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023 zero terminal SNR
     set_alpha_to_one: bool = True  # DDIM/DDPM family: the last step lands on sigma 0 (else on sigma(t=0))
+    original_inference_steps: int = 50  # lcm family: steps of the schedule the model was distilled on
 
     def __post_init__(self):
         _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
@@ -270,7 +295,8 @@ class DiscreteSchedule:
         between the family's sigma_min and sigma_max (diffusers' `use_karras_sigmas` and
         `use_exponential_sigmas`)."""
         _check_choice("kind", kind, SIGMA_KINDS)
-        t = spaced_timesteps(steps, self.spacing(family), self.num_train_timesteps, self.steps_offset, family)
+        t = spaced_timesteps(steps, self.spacing(family), self.num_train_timesteps, self.steps_offset, family,
+                             self.original_inference_steps)
         sigmas = self.t_to_sigma(t)
         final = 0.0
         if family == "ddim" and not self.set_alpha_to_one:  # DDPMScheduler always ends on alphabar 1

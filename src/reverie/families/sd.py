@@ -1,21 +1,26 @@
 """Stable Diffusion 1.x / 2.x (Rombach et al. 2022): a UNet on 4-channel VAE latents, one CLIP text encoder whose
 token states condition every cross-attention layer, a discrete DDPM schedule. Also the models reverie trains
-(the bundled `shapes` and `emoji`), which share the layout."""
+(the bundled `shapes` and `emoji`), which share the layout, and Latent Consistency Models distilled from SD (Luo
+et al. 2023): a UNet with time_cond_proj_dim takes the guidance scale as an input and runs without CFG."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from ..models.unet import guidance_embedding
 from . import Family, _dtype_call
 
 
 class SD(Family):
     name = "sd"
     pipeline_classes = ("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-                        "StableDiffusionControlNetPipeline")
+                        "StableDiffusionControlNetPipeline", "LatentConsistencyModelPipeline")
     network = "unet"
     controlnet = True
     defaults = dict(steps=30, guidance_scale=7.5, sampler="dpmpp_2m")
+    lcm_defaults = dict(steps=4, guidance_scale=8.5, sampler="lcm")  # diffusers' LatentConsistencyModelPipeline
 
     def load_folder(self, path: Path, *, allow_pickle=False, tokenizer=None, vae=None, **_):
         from ..loading import load_folder
@@ -39,18 +44,44 @@ class SD(Family):
     def inpaint_network(self, pipe) -> bool:
         return pipe.unet.config.in_channels != pipe.vae.config.latent_channels
 
+    def settings(self, pipe) -> dict:
+        return dict(self.lcm_defaults if _is_lcm(pipe) else self.defaults)
+
     def encode(self, pipe, prompts, negatives, options):
         """CLIP token states, prompts and negatives in one batch so long prompts and their negatives get the same
-        number of 77-token chunks; clip_skip applies to both, as in A1111."""
+        number of 77-token chunks; clip_skip applies to both, as in A1111.
+
+        An LCM UNet was distilled from guided sampling (Luo et al. 2023, section 4.2): the guidance scale is its
+        input, timestep_cond = the w-embedding of w = guidance_scale - 1 (diffusers' Imagen-style scale; one per
+        prompt for a list), and there is no unconditional side (uncond None: no CFG pass, no negative prompt)."""
+        lcm = _is_lcm(pipe)
+        if lcm and options.get("negative_given"):
+            raise ValueError("negative_prompt: an LCM UNet (time_cond_proj_dim set) runs without classifier-free "
+                             "guidance, so it cannot use one; its guidance_scale is an input of the network")
+        negatives = None if lcm else negatives
         with pipe._on_device(pipe.text_encoder):
             embeds = pipe.text_encoder.encode(prompts + (negatives or []), clip_skip=options.get("clip_skip"))
         embeds = embeds.to(pipe.device, pipe.dtype)
         cond = {"encoder_hidden_states": embeds[:len(prompts)]}
+        if lcm:
+            cond["timestep_cond"] = _w_embedding(pipe, options["guidance_scale"], len(prompts))
         return cond, ({"encoder_hidden_states": embeds[len(prompts):]} if negatives else None)
 
     def network_call(self, pipe, network, shape, options):
         return _dtype_call(network, pipe.dtype)
 
+
+def _is_lcm(pipe) -> bool:
+    """Whether the UNet is a Latent Consistency Model's: it takes the guidance-scale embedding."""
+    return getattr(pipe.unet.config, "time_cond_proj_dim", None) is not None
+
+
+def _w_embedding(pipe, guidance_scale, batch: int):
+    """(batch, time_cond_proj_dim) w-embeddings of w = guidance_scale - 1, guidance_scale one number or one per
+    prompt (the batch repeats each prompt's rows)."""
+    scales = list(guidance_scale) if isinstance(guidance_scale, (list, tuple)) else [guidance_scale]
+    w = torch.tensor([float(s) - 1 for s in scales]).repeat_interleave(batch // len(scales))  # (batch,)
+    return guidance_embedding(w, pipe.unet.config.time_cond_proj_dim).to(pipe.device)
 
 
 def _with_vae(components: dict, vae, allow_pickle: bool) -> dict:

@@ -31,7 +31,7 @@ FIXED_KEYS = {
     "dual_cross_attention": False,
     "resnet_time_scale_shift": "default", "resnet_skip_time_act": False, "resnet_out_scale_factor": 1.0,
     "time_embedding_type": "positional", "time_embedding_act_fn": None, "timestep_post_act": None,
-    "time_cond_proj_dim": None, "reverse_transformer_layers_per_block": None, "attention_type": "default",
+    "reverse_transformer_layers_per_block": None, "attention_type": "default",
     "cross_attention_norm": None,
 }
 # diffusers config keys that only matter for block types reverie does not build: any value is accepted.
@@ -103,6 +103,9 @@ class UNetConfig:
     addition_embed_type: str | None = None  # in ADDITION_EMBED_TYPES
     addition_time_embed_dim: int | None = None  # sinusoid width per time id (256 in SDXL); text_time only
     projection_class_embeddings_input_dim: int | None = None  # add_embedding's input: pooled dim + ids * time dim
+    # LCM (Luo et al. 2023): width of `timestep_cond` (the guidance-scale embedding), which a bias-free Linear
+    # adds to the timestep sinusoid before the time MLP
+    time_cond_proj_dim: int | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):  # JSON lists -> tuples, so configs compare and hash as values
@@ -153,6 +156,9 @@ class UNetConfig:
                 raise ValueError("encoder_hid_dim: the text projection needs one cross_attention_dim for all "
                                  f"blocks; got {self.cross_attention_dim!r}")
         self._check_addition_embedding()
+        d = self.time_cond_proj_dim
+        if d is not None and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise ValueError(f"time_cond_proj_dim must be None or an integer >= 1; got {d!r}")
 
     def _check_addition_embedding(self):
         _check_choice("addition_embed_type", self.addition_embed_type, ADDITION_EMBED_TYPES)
@@ -354,13 +360,41 @@ def transformer_factory(c: UNetConfig, i: int):
                                                c.use_linear_projection, only_cross, c.dropout)
 
 
+class ConditionedTimestepEmbedding(TimestepEmbedding):
+    """The time MLP with diffusers' optional `cond_proj`: a bias-free Linear from a condition of cond_dim to the
+    sinusoid's width, added to the sinusoid before linear_1 (LCM's guidance-scale embedding, Luo et al. 2023)."""
+
+    def __init__(self, in_dim: int, dim: int, cond_dim: int | None = None):
+        super().__init__(in_dim, dim)
+        self.cond_proj = nn.Linear(cond_dim, in_dim, bias=False) if cond_dim else None
+
+    def forward(self, x: Tensor, condition: Tensor | None = None) -> Tensor:
+        if condition is not None:
+            if self.cond_proj is None:
+                raise ValueError("timestep_cond is only used by a UNet with time_cond_proj_dim set (LCM); this "
+                                 "UNet has time_cond_proj_dim=None")
+            x = x + self.cond_proj(condition)  # (B, C0)
+        return super().forward(x)
+
+
+def guidance_embedding(w: Tensor, dim: int) -> Tensor:
+    """The w-embedding of LCM's guided distillation (Luo et al. 2023, section 4.2; VDM's sinusoid, Kingma et al.
+    2021): sin and cos of 1000 w at dim // 2 frequencies 10000^(-k / (dim // 2 - 1)), zero-padded to an odd dim.
+    w (B,) -> (B, dim) float32 (diffusers' LatentConsistencyModelPipeline.get_guidance_scale_embedding)."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step)  # (half,)
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]  # (B, half)
+    return F.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, dim % 2))
+
+
 def build_encoder(c: UNetConfig) -> tuple[nn.Conv2d, TimestepEmbedding, nn.ModuleList, MidBlock | None]:
     """The UNet's conv_in, time_embedding, down_blocks and mid_block: the half a ControlNet copies."""
     chans, n, layers = c.block_out_channels, len(c.block_out_channels), c.per_block("layers_per_block")
     temb_dim = c.time_embedding_dim or 4 * chans[0]
     norm = dict(groups=c.norm_num_groups, eps=c.norm_eps, dropout=c.dropout)
     conv_in = nn.Conv2d(c.in_channels, chans[0], c.conv_in_kernel, padding=c.conv_in_kernel // 2)
-    time_embedding = TimestepEmbedding(chans[0], temb_dim)
+    time_embedding = ConditionedTimestepEmbedding(chans[0], temb_dim, c.time_cond_proj_dim)
     down_blocks = nn.ModuleList([
         DownBlock(chans[max(i - 1, 0)], chans[i], temb_dim, layers[i], i < n - 1,
                   transformer_factory(c, i) if kind == "CrossAttnDownBlock2D" else None,
@@ -449,7 +483,8 @@ class UNet(nn.Module):
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
                 down_block_additional_residuals: Sequence[Tensor] | None = None,
                 mid_block_additional_residual: Tensor | None = None,
-                text_embeds: Tensor | None = None, time_ids: Tensor | None = None) -> Tensor:
+                text_embeds: Tensor | None = None, time_ids: Tensor | None = None,
+                timestep_cond: Tensor | None = None) -> Tensor:
         """sample (B, in_channels, H, W), timestep (B,) or scalar (fractional allowed), encoder_hidden_states
         (B, T, cross_attention_dim), or (B, T, encoder_hid_dim) when set -> (B, out_channels, H, W).
 
@@ -459,14 +494,18 @@ class UNet(nn.Module):
 
         text_embeds (B, pooled dim) and time_ids (B, n) are diffusers' added_cond_kwargs, required with
         addition_embed_type="text_time" (SDXL: n = 6, original size + crop top-left + target size; the refiner:
-        n = 5, original size + crop + aesthetic score) and refused otherwise."""
+        n = 5, original size + crop + aesthetic score) and refused otherwise.
+
+        timestep_cond (B, time_cond_proj_dim): LCM's guidance-scale embedding (guidance_embedding), for a UNet with
+        time_cond_proj_dim set."""
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise ValueError(f"sample must be (B, in_channels={c.in_channels}, H, W); got {tuple(sample.shape)}")
         t = self._timesteps(timestep, sample)
         # the sinusoidal embedding is computed in float32 (fractional timesteps near 1000), then cast
         temb = timestep_embedding(t, c.block_out_channels[0], c.flip_sin_to_cos, c.freq_shift)  # (B, C0)
-        temb = self.time_embedding(temb.to(sample.dtype))  # (B, temb_dim)
+        cond = None if timestep_cond is None else timestep_cond.to(sample.dtype)
+        temb = self.time_embedding(temb.to(sample.dtype), cond)  # (B, temb_dim)
         if self.add_embedding is not None:
             temb = temb + self._text_time_embedding(text_embeds, time_ids, len(sample), temb.dtype)
         elif text_embeds is not None or time_ids is not None:

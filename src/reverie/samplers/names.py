@@ -3,6 +3,8 @@ sampler_name + scheduler pairs, and diffusers scheduler class names with their f
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, field
 
@@ -32,6 +34,13 @@ class SamplerChoice:
         """The sigma family on a flow model (reverie.flow.FlowSchedule); None: DDPM models only."""
         return self.fn.flow_family
 
+    def for_schedule(self, schedule) -> "SamplerChoice":
+        """The choice with the model's schedule among its options, for a sampler that takes one (lcm: its
+        boundary conditions are functions of the discrete timestep of each sigma); otherwise the choice itself."""
+        if "schedule" not in inspect.signature(self.fn).parameters:
+            return self
+        return dataclasses.replace(self, options={**self.options, "schedule": schedule})
+
     def __call__(self, denoiser, x, sigmas, **kwargs):
         return self.fn(denoiser, x, sigmas, **{**self.options, **kwargs})
 
@@ -59,6 +68,7 @@ _LABELS = {
     "DPM++ 2M SDE Exponential": ("dpmpp_2m_sde", "exponential"),
     "DPM++ SDE": ("dpmpp_sde", "default"),
     "DPM++ SDE Karras": ("dpmpp_sde", "karras"),
+    "LCM": ("lcm", "default"),
     "Euler flow": ("euler_flow", "default"),
     "Flow Euler": ("euler_flow", "default"),
     "Heun flow": ("heun_flow", "default"),
@@ -91,6 +101,7 @@ _DIFFUSERS = {
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "DPMSolverSDEScheduler": "dpmpp_sde",
     "UniPCMultistepScheduler": "unipc",
+    "LCMScheduler": "lcm",
     "FlowMatchEulerDiscreteScheduler": "euler_flow",
     "FlowMatchHeunDiscreteScheduler": "heun_flow",
 }
@@ -175,8 +186,10 @@ def _from_diffusers(cls: str, flags: dict) -> SamplerChoice:
             raise _bad("predict_x0", False, [True])
     if cls == "DDIMScheduler" and flags.get("eta"):
         options["eta"] = float(flags["eta"])
+    if cls == "LCMScheduler" and flags.get("timestep_scaling", 10.0) != 10.0:
+        options["timestep_scaling"] = float(flags["timestep_scaling"])
     for flag in ("thresholding", "clip_sample"):
-        if flags.get(flag) and cls in ("DDIMScheduler", "DDPMScheduler"):
+        if flags.get(flag) and cls in ("DDIMScheduler", "DDPMScheduler", "LCMScheduler"):
             raise ValueError(f"{flag}=True is not supported by reverie's samplers; set it to False")
     flow_options, flow_config = _flow_flags(cls, flags, schedule)
     return SamplerChoice(name, schedule, {**options, **flow_options}, flow_config)
@@ -193,7 +206,8 @@ def resolve(name: str, scheduler: str | None = None, **flags) -> SamplerChoice:
       use_karras_sigmas=True, algorithm_type="sde-dpmsolver++"). Flow flags (FlowMatch* `shift`,
       `use_dynamic_shifting`, ...; DPMSolverMultistep / UniPC `use_flow_sigmas=True` with `flow_shift`) are
       schedule properties: they go to SamplerChoice.flow_config, which FlowSchedule.for_sampler applies.
-      Other config keys are ignored.
+      LCMScheduler's `original_inference_steps` is a DiscreteSchedule field, read from the model's scheduler
+      config. Other config keys are ignored.
     Unknown names raise ValueError listing the valid ones."""
     if not isinstance(name, str):
         raise ValueError(f"sampler must be a string; got {type(name).__name__}")

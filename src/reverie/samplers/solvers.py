@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..denoisers import randn
+from ..schedules import DiscreteSchedule
 
 SAMPLERS: dict[str, Callable] = {}
 
@@ -31,7 +32,7 @@ class StepInfo(NamedTuple):
 
 # The sigma family a sampler gets on a flow model (reverie.flow.FlowSchedule.sampling_sigmas), by its VP family;
 # None: the sampler is for DDPM models only.
-_FLOW_FAMILIES = {"k": "k", "multistep": "multistep", "flow": "flow", "ddim": None, "ddpm": None}
+_FLOW_FAMILIES = {"k": "k", "multistep": "multistep", "flow": "flow", "ddim": None, "ddpm": None, "lcm": None}
 _FROM_FAMILY = "from family"
 
 
@@ -39,8 +40,8 @@ def register(name: str, family: str = "k", flow_family: str | None = _FROM_FAMIL
     """Add a sampler to SAMPLERS, checking its common arguments.
 
     `family` names the diffusers scheduler family whose timestep spacing this sampler reproduces
-    ("k": Euler/Heun/LMS; "multistep": DPM-Solver++/UniPC; "ddim": DDIM; "ddpm": DDPM; "flow": the
-    FlowMatch schedulers). `flow_family` is the same on flow models (reverie.flow): by default derived from
+    ("k": Euler/Heun/LMS; "multistep": DPM-Solver++/UniPC; "ddim": DDIM; "ddpm": DDPM; "lcm": LCMScheduler;
+    "flow": the FlowMatch schedulers). `flow_family` is the same on flow models (reverie.flow): by default derived from
     `family`, None where the sampler cannot run on one; UniPC's differs from DPM-Solver's there."""
 
     def wrap(fn):
@@ -150,6 +151,51 @@ def ddim(denoiser, x, sigmas, *, generator=None, callback=None, eta=0.0):
 def ddpm(denoiser, x, sigmas, *, generator=None, callback=None):
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0_hat) (Ho et al. 2020): DDIM with eta=1."""
     return ddim(denoiser, x, sigmas, generator=generator, callback=callback, eta=1.0)
+
+
+SIGMA_DATA = 0.5  # the data standard deviation of LCM's boundary conditions (diffusers' LCMScheduler)
+
+
+def consistency_scalings(t: float, timestep_scaling: float = 10.0) -> tuple[float, float]:
+    """(c_skip, c_out) of a consistency function at discrete timestep t (Song et al. 2023, "Consistency Models",
+    appendix C; LCM's discrete form, Luo et al. 2023): with s = t * timestep_scaling,
+    c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s / sqrt(s^2 + sigma_data^2), so f(x, 0) = x."""
+    s = t * timestep_scaling
+    return SIGMA_DATA**2 / (s**2 + SIGMA_DATA**2), s / (s**2 + SIGMA_DATA**2) ** 0.5
+
+
+@register("lcm", family="lcm")
+def lcm(denoiser, x, sigmas, *, generator=None, callback=None, boundary=True, schedule=None, timestep_scaling=10.0):
+    """Latent Consistency Model multistep sampling (Luo et al. 2023, Algorithm 3; diffusers' LCMScheduler): each
+    step the consistency function f = c_skip(t) x_vp + c_out(t) x0_hat, then, while sigma_next > 0, f put back on
+    the noising path at sigma_next with fresh noise, x = f + sigma_next * eps.
+
+    The boundary conditions are functions of the discrete timestep t of each sigma, so the sampler takes the
+    model's `schedule` (a DiscreteSchedule; the pipeline passes its own, see SamplerChoice.for_schedule) and
+    rounds schedule.sigma_to_t; None means Stable Diffusion's schedule, the one every published LCM was distilled
+    on. x_vp = x / sqrt(1 + sigma^2) is the network's variance-preserving input. boundary=False drops c_skip /
+    c_out (f = x0_hat): k-diffusion's sample_lcm (ComfyUI's "lcm" on a model whose boundary conditions live in
+    its model sampling)."""
+    if not isinstance(boundary, bool):
+        raise ValueError(f"boundary must be True or False; got {boundary!r}")
+    if schedule is not None and not isinstance(schedule, DiscreteSchedule):
+        raise ValueError(f"schedule must be a reverie.schedules.DiscreteSchedule or None; got "
+                         f"{type(schedule).__name__}")
+    if isinstance(timestep_scaling, bool) or not isinstance(timestep_scaling, (int, float)) or timestep_scaling <= 0:
+        raise ValueError(f"timestep_scaling must be a number > 0; got {timestep_scaling!r}")
+    schedule = schedule or DiscreteSchedule()
+    for i in range(len(sigmas) - 1):
+        sigma, sigma_next = sigmas[i].item(), sigmas[i + 1].item()
+        denoised = denoiser(x, _s(x, sigma))
+        if boundary:
+            t = schedule.sigma_to_t(torch.tensor([sigma], dtype=torch.float64), "round").item()
+            c_skip, c_out = consistency_scalings(t, timestep_scaling)
+            denoised = c_skip * x / (1 + sigma**2) ** 0.5 + c_out * denoised
+        _report(callback, i, x, sigma, sigma_next, denoised)
+        x = denoised
+        if sigma_next > 0:
+            x = x + sigma_next * _noise(x, generator)
+    return x
 
 
 @register("heun")

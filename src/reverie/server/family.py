@@ -32,7 +32,7 @@ def settings(pipe, dialect: dict | None = None) -> dict:
     """steps, guidance_scale and sampler for a request that gives none: for SD models the dialect's documented
     defaults (SD_DEFAULTS, or the dialect's own, as A1111's), for the other families the family's (sampler None:
     the model folder's own scheduler)."""
-    if pipe.family.name == "sd":
+    if pipe.family.name == "sd" and pipe.family.settings(pipe) == pipe.family.defaults:  # not an LCM
         return {**SD_DEFAULTS, **(dialect or {})}
     return pipe.family.settings(pipe)
 

@@ -56,7 +56,7 @@ ScheduleName = Literal["linear", "scaled_linear", "cosine"]
 # The samplers the page offers, by the labels people know from A1111 (any name resolve() takes works in the
 # API): every DDPM sampler in reverie.samplers.SAMPLERS, and the schedules that matter most.
 PAGE_SAMPLERS = ("Euler", "Euler a", "Heun", "LMS", "LMS Karras", "DDIM", "DDPM", "DPM++ 2M", "DPM++ 2M Karras",
-                 "DPM++ 2M Exponential", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ SDE Karras", "UniPC")
+                 "DPM++ 2M Exponential", "DPM++ 2M SDE", "DPM++ 2M SDE Karras", "DPM++ SDE Karras", "UniPC", "LCM")
 DEFAULT_SAMPLER = "DPM++ 2M"  # the pipeline's default, dpmpp_2m
 DEFAULT_FLOW_SAMPLER = "Euler"  # FlowMatchEulerDiscreteScheduler, SD3's and FLUX's own
 DEFAULT_SHIFT = 3.0  # SD3's flow shift, for the flow curve when no flow model is served
@@ -366,6 +366,8 @@ def sigmas(http: HTTPRequest, sampler: list[str] | None = Query(None, descriptio
             results = [flow_sampler_sigmas(pipe, name, steps, scheduler, shift) for name in names]
         else:
             schedule = pipe.schedule if pipe is not None else model_schedule()
+            if sampler is None and steps > schedule.original_inference_steps:
+                names = [n for n in names if n != "LCM"]  # LCM picks at most original_inference_steps steps
             results = [sampler_sigmas(name, steps, schedule, scheduler) for name in names]
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
