@@ -156,11 +156,12 @@ def _dtype_call(module, dtype):
 def _register():
     from .dit import DiT
     from .flux import Flux
+    from .mmdit import ReverieMMDiT
     from .sd import SD
     from .sd3 import SD3
     from .sdxl import SDXL
 
-    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux())}
+    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux(), ReverieMMDiT())}
 
 
 FAMILIES: dict[str, Family] = {}

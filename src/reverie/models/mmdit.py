@@ -85,6 +85,22 @@ class MMDiTConfig:
 
 # ---------------------------------------------------------------- blocks
 
+# Small MMDiTs for reverie's own models (reverie.train's mmdit task: latent channels, sample size and text widths
+# are fitted to the run's VAE and text encoder). "small" is 256 wide (4 heads of 64), 4 joint blocks: about 10M
+# parameters, 64 image tokens on 16x16 latents.
+MMDIT_PRESETS = {
+    "tiny": MMDiTConfig(sample_size=16, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=32,
+                        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=64,
+                        pooled_projection_dim=64, pos_embed_max_size=8),
+    "small": MMDiTConfig(sample_size=16, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=64,
+                         num_attention_heads=4, joint_attention_dim=256, caption_projection_dim=256,
+                         pooled_projection_dim=256, pos_embed_max_size=8),
+    "base": MMDiTConfig(sample_size=16, in_channels=4, out_channels=4, num_layers=8, attention_head_dim=64,
+                        num_attention_heads=6, joint_attention_dim=384, caption_projection_dim=384,
+                        pooled_projection_dim=384, pos_embed_max_size=8),
+}
+
+
 class JointAttention(nn.Module):
     """Multi-head attention, optionally with RMS qk-norm per head. With `joint`, the text has its own
     projections (add_*_proj, norm_added_*) and attends together with the image over [image, text]; its output

@@ -261,8 +261,12 @@ class TextEncoder(nn.Module):
                                          or not -n <= hidden_layer < n):
             raise ValueError(f"hidden_layer must be None or an int in [{-n}, {n - 1}] (an index into this CLIP's "
                              f"{n} hidden_states), got {hidden_layer!r}")
-        ids = self.tokenize_truncated(prompt).to(self.device)
-        out = self.text_model(ids, output_hidden_states=hidden_layer is not None)
+        return self.encode_ids_pooled(self.tokenize_truncated(prompt), hidden_layer=hidden_layer)
+
+    def encode_ids_pooled(self, ids: Tensor, *, hidden_layer: int | None = None) -> tuple[Tensor, Tensor]:
+        """(B, max_length) ids (`tokenize_truncated`) -> (states, pooled), as encode_pooled; gradients flow (the
+        MMDiT training task trains the encoder through it)."""
+        out = self.text_model(ids.to(self.device), output_hidden_states=hidden_layer is not None)
         if isinstance(self.text_model, CLIPTextModelWithProjection):
             pooled = out.text_embeds  # (B, P)
         else:

@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("vae", "unet", "controlnet")
+KINDS = ("vae", "unet", "mmdit", "controlnet")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -32,18 +32,21 @@ MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 0, "model.text_hea
             "train.grad_accum": 1, "train.seed": 0, "train.max_nonfinite": 1, "train.checkpoint_every": 0,
             "train.keep_checkpoints": 1, "train.time_limit_minutes": 0, "log.every": 1, "log.sample_every": 0,
             "log.sample_count": 1, "log.sample_steps": 1}
-RANGES = {"optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf), "optim.min_lr_ratio": (0, 1),
+RANGES = {"model.flow_shift": (0, math.inf), "optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf), "optim.min_lr_ratio": (0, 1),
           "optim.grad_clip": (0, math.inf), "train.ema_decay": (0, 1), "train.cond_dropout": (0, 1),
           "train.offset_noise": (0, math.inf), "train.kl_weight": (0, math.inf), "log.sample_guidance": (0, math.inf)}
 
 
 @dataclass
 class ModelConfig:
-    kind: str = "unet"  # what is trained: "vae" (the autoencoder), "unet" (latent denoiser, + text encoder) or
-    #                     "controlnet" (a ControlNet for the frozen model.base_model)
+    kind: str = "unet"  # what is trained: "vae" (the autoencoder), "unet" (latent denoiser, + text encoder),
+    #                     "mmdit" (a rectified-flow MMDiT, + text encoder) or "controlnet" (a ControlNet for the
+    #                     frozen model.base_model)
     vae_preset: str = "small-f8"  # vae runs: architecture, a name in reverie.models.vae.VAE_PRESETS
     vae_path: str = ""  # unet runs: the frozen VAE (a vae run's output dir, a vae/ folder or a pipeline); vae runs: start from it
     unet_preset: str = "small"  # unet runs: UNET_PRESETS name; channels and text width adapt to the VAE and encoder
+    mmdit_preset: str = "small"  # mmdit runs: reverie.models.mmdit.MMDIT_PRESETS name (latents and text width adapt)
+    flow_shift: float = 1.0  # mmdit runs: the flow schedule's shift (SD3 eq. 23; 1: none)
     prediction: str = "epsilon"  # the network's target: epsilon | v_prediction | sample
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2 (SD's betas: scaled_linear)
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023; use with v_prediction)

@@ -4,8 +4,9 @@ A task builds the modules, turns data-set items into the inputs of one micro-bat
 sample grid and export the result. The trained modules sit in one `objective` module whose forward returns the
 per-item loss, so the loop can wrap it in DistributedDataParallel and average it without knowing what it is.
 
-Every random draw of an item (posterior sample, timestep, noise, offset noise, caption dropout) comes from that
-item's own generator (optim.item_generator), so a batch gives the same numbers however it is split.
+Every random quantity of a step (posterior sample, timestep, noise, offset noise, caption dropout) is drawn for the
+whole global batch at once and each item takes its slot's row (optim.StepDraws), so a batch gives the same numbers
+however it is split.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..denoisers import DiscreteDenoiser
+from ..denoisers import DiscreteDenoiser, FlowDenoiser
 from ..eval.plot import image_grid as grid
 from ..formats import (
     load_safetensors,
@@ -36,10 +37,11 @@ from ..models.vae import VAE_PRESETS, AutoencoderKL
 from ..schedules import DiscreteSchedule
 from .checkpoint import latest_checkpoint
 from .config import Config
-from .optim import item_generator
+from .optim import StepDraws
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 ENCODE_CHUNK = 16  # images per VAE forward when caching latents (fixed, so the cache is the same every time)
+TEXT_CACHE = 4096  # captions whose frozen-encoder states a run keeps (UNetTask._cached_text)
 
 
 # ------------------------------------------------------------------------------------------------ objectives
@@ -77,6 +79,23 @@ class DiffusionObjective(nn.Module):
         denoiser = DiscreteDenoiser(self.unet, self.schedule)
         return denoiser.loss(latents, t=t, noise=noise, min_snr_gamma=self.min_snr_gamma,
                              encoder_hidden_states=context)
+
+
+class FlowObjective(nn.Module):
+    """Per-item rectified-flow loss of FlowDenoiser.loss (the network predicts v = eps - x0 at
+    x_t = (1 - t) x0 + t eps and sees t * 1000), conditioned as reverie's MMDiT family is: the text encoder's
+    final states and pooled EOS state (TextEncoder.encode_ids_pooled); holds the text encoder when it is trained."""
+
+    def __init__(self, transformer: nn.Module, text_encoder=None):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+
+    def forward(self, latents: Tensor, t: Tensor, noise: Tensor, ids: Tensor | None = None,
+                context: Tensor | None = None, pooled: Tensor | None = None) -> Tensor:
+        if self.text_encoder is not None:
+            context, pooled = self.text_encoder.encode_ids_pooled(ids)  # (B, L, D), (B, D)
+        return FlowDenoiser(self.transformer).loss(latents, sigma=t, noise=noise, encoder_hidden_states=context,
+                                                   pooled_projections=pooled)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -192,9 +211,8 @@ class VAETask:
 
     def inputs(self, step: int, items: list[tuple[int, int]]) -> dict[str, Tensor]:
         """items: (slot in the global batch, data-set index)."""
-        eps = torch.cat([torch.randn((1, *self.latent_shape), generator=item_generator(self.config.train.seed,
-                                                                                        step, slot))
-                         for slot, _ in items])
+        t_cfg = self.config.train
+        eps = StepDraws(t_cfg.seed, step, t_cfg.batch_size, [slot for slot, _ in items]).randn(*self.latent_shape)
         images = stack_images(self.dataset, [i for _, i in items])
         return {"images": images.to(self.dist.device), "eps": eps.to(self.dist.device)}
 
@@ -233,6 +251,7 @@ class UNetTask:
     trained) or built from scratch with a BPE tokenizer trained on the data set's captions."""
 
     kind = "unet"
+    network_dir = "unet"  # the network's folder in an exported model
 
     def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
         from ..models.text import TextEncoder, load_tokenizer, open_text_encoder, train_bpe_tokenizer
@@ -242,21 +261,12 @@ class UNetTask:
         if not m.vae_path:
             raise ValueError("model.vae_path: a unet run needs the frozen VAE it trains in (a vae run's output "
                              "dir, a vae/ component folder or a diffusers pipeline folder)")
-        if m.unet_preset not in UNET_PRESETS:
-            raise ValueError(f"model.unet_preset must be one of {', '.join(UNET_PRESETS)}; got {m.unet_preset!r}")
         if not m.text_encoder_path and not m.train_text_encoder:
             raise ValueError("model.train_text_encoder must be true when the text encoder starts from scratch "
                              "(model.text_encoder_path is empty)")
         self.vae = load_frozen_vae(m.vae_path).to(device).eval().requires_grad_(False)
         self.latent_shape = latent_shape(self.vae, dataset)
-        linear = m.beta_schedule == "linear"
-        self.scheduler_config = {
-            "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": m.beta_schedule,
-            "beta_start": 0.0001 if linear else 0.00085, "beta_end": 0.02 if linear else 0.012,
-            "prediction_type": m.prediction, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-            "timestep_spacing": "trailing" if m.zero_terminal_snr else "leading",
-            "rescale_betas_zero_snr": m.zero_terminal_snr}
-        self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
+        self.scheduler_config, self.schedule = self.make_schedule(m)
 
         # the data pass: captions (for a new tokenizer) and the latent cache, done by rank 0, read by all
         self.captions, self.moments = None, None
@@ -289,6 +299,31 @@ class UNetTask:
         self.train_text_encoder = m.train_text_encoder
         if not self.train_text_encoder:
             self.text_encoder.eval().requires_grad_(False)
+        self.network = self.make_network(m)
+        if m.unet_init and not resume:
+            self._init_unet(m.unet_init)
+        self.objective = self.make_objective().to(device)
+        self._ids: dict[str, Tensor] = {}
+        self._text_cache: dict[str, dict[str, Tensor]] = {}
+
+    # --- what the run trains: schedule, network, objective (MMDiTTask changes these) -------------------------
+
+    def make_schedule(self, m) -> tuple[dict, DiscreteSchedule]:
+        """(diffusers scheduler config, schedule) of the model being trained: a DDIM config of model.prediction
+        and model.beta_schedule (SD's betas for scaled_linear)."""
+        linear = m.beta_schedule == "linear"
+        config = {
+            "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_schedule": m.beta_schedule,
+            "beta_start": 0.0001 if linear else 0.00085, "beta_end": 0.02 if linear else 0.012,
+            "prediction_type": m.prediction, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
+            "timestep_spacing": "trailing" if m.zero_terminal_snr else "leading",
+            "rescale_betas_zero_snr": m.zero_terminal_snr}
+        return config, DiscreteSchedule.from_config(config)
+
+    def make_network(self, m) -> nn.Module:
+        """The UNet of model.unet_preset, fitted to the latents and the text encoder's width."""
+        if m.unet_preset not in UNET_PRESETS:
+            raise ValueError(f"model.unet_preset must be one of {', '.join(UNET_PRESETS)}; got {m.unet_preset!r}")
         # a CLIP's states feed cross-attention as they are; another encoder's go through a Linear to the
         # model.text_hidden_size width (diffusers' encoder_hid_dim "text_proj")
         width = self.text_encoder.hidden_size if self.text_encoder.is_clip else m.text_hidden_size
@@ -297,27 +332,30 @@ class UNetTask:
                                           cross_attention_dim=width,
                                           encoder_hid_dim=None if self.text_encoder.is_clip else
                                           self.text_encoder.hidden_size)
-        self.unet = UNet(unet_config)
-        if m.unet_init and not resume:
-            self._init_unet(m.unet_init)
-        self.objective = DiffusionObjective(self.unet, self.schedule, config.train.min_snr_gamma,
-                                            self.text_encoder if self.train_text_encoder else None).to(device)
-        self._ids: dict[str, Tensor] = {}
+        return UNet(unet_config)
+
+    def make_objective(self) -> nn.Module:
+        return DiffusionObjective(self.network, self.schedule, self.config.train.min_snr_gamma,
+                                  self.text_encoder if self.train_text_encoder else None)
+
+    def draw_time(self, draws: StepDraws) -> Tensor:
+        """The items' training times (b,): timesteps uniform in [0, T)."""
+        return draws.randint(self.schedule.num_train_timesteps)
 
     def _init_unet(self, source: str) -> None:
         """Copy a trained model's UNet weights into this run's UNet: every parameter it has must fit; the ones it
         lacks (a new text projection) keep their fresh initialisation."""
         from ..loading import model_path
 
-        folder = model_path(source) / "unet"
+        folder = model_path(source) / self.network_dir
         weights = load_weights(folder)
-        own = self.unet.state_dict()
+        own = self.network.state_dict()
         unknown = sorted(set(weights) - set(own))
         misfit = sorted(k for k in set(weights) & set(own) if weights[k].shape != own[k].shape)
         if unknown or misfit:
             raise ValueError(f"model.unet_init: {folder}'s UNet does not fit this run's (model.unet_preset, the VAE's "
                              f"channels, model.text_hidden_size): unknown {unknown[:3]}, other shapes {misfit[:3]}")
-        self.unet.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
+        self.network.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
 
     # --- the data pass and the latent cache ----------------------------------------------------------------
 
@@ -360,7 +398,7 @@ class UNetTask:
 
     def param_groups(self) -> list[dict]:
         o = self.config.optim
-        groups = [{"params": list(self.unet.parameters()), "lr": o.lr}]
+        groups = [{"params": list(self.network.parameters()), "lr": o.lr}]
         if self.train_text_encoder:
             groups.append({"params": list(self.text_encoder.parameters()),
                            "lr": o.lr if o.text_lr is None else o.text_lr})
@@ -376,15 +414,11 @@ class UNetTask:
 
     def inputs(self, step: int, items: list[tuple[int, int]]) -> dict[str, Tensor]:
         """items: (slot in the global batch, data-set index)."""
-        t_cfg, shape, T = self.config.train, self.latent_shape, self.schedule.num_train_timesteps
-        ts, noises, offsets, eps, drops = [], [], [], [], []
-        for slot, _ in items:  # a fixed order of draws per item
-            g = item_generator(t_cfg.seed, step, slot)
-            ts.append(torch.randint(0, T, (1,), generator=g))
-            noises.append(torch.randn((1, *shape), generator=g))
-            offsets.append(torch.randn((1, shape[0], 1, 1), generator=g))
-            eps.append(torch.randn((1, *shape), generator=g))
-            drops.append(torch.rand((1,), generator=g))
+        t_cfg, shape = self.config.train, self.latent_shape
+        draws = StepDraws(t_cfg.seed, step, t_cfg.batch_size, [slot for slot, _ in items])
+        t = self.draw_time(draws)  # (b,), then in this order:
+        noise = draws.randn(*shape) + t_cfg.offset_noise * draws.randn(shape[0], 1, 1)
+        eps, drops = draws.randn(*shape), draws.rand()
         indices = [i for _, i in items]
         if self.moments is not None:
             mean, std = self.moments[0][indices], self.moments[1][indices]
@@ -395,19 +429,34 @@ class UNetTask:
             with torch.no_grad():
                 posterior = self.vae.encode(torch.stack([it["image"].float() for it in batch]).to(self.dist.device))
             mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
-        z = mean + std * torch.cat(eps)
+        z = mean + std * eps
         latents = (z - self.vae.shift_factor) * self.vae.scaling_factor  # (b, C, h, w)
-        noise = torch.cat(noises) + t_cfg.offset_noise * torch.cat(offsets)
         captions = ["" if float(u) < t_cfg.cond_dropout else c for u, c in zip(drops, captions)]
         ids = self._token_ids(captions)
         device = self.dist.device
-        out = {"latents": latents.to(device), "t": torch.cat(ts).to(device), "noise": noise.to(device)}
+        out = {"latents": latents.to(device), "t": t.to(device), "noise": noise.to(device)}
         if self.train_text_encoder:
             out["ids"] = ids.to(device)
         else:
-            with torch.no_grad():
-                out["context"] = self.text_encoder.encode_ids(ids)
+            out |= self._cached_text(captions, ids)
         return out
+
+    def _cached_text(self, captions: list[str], ids: Tensor) -> dict[str, Tensor]:
+        """frozen_text of the captions, each caption encoded once, alone (so its states never depend on a batch, and
+        a resumed run gets the same numbers), and reused while it stays among the TEXT_CACHE most recently added: a
+        frozen encoder gives a caption the same states every step."""
+        cache = self._text_cache
+        for i, c in enumerate(captions):
+            if c not in cache:
+                with torch.no_grad():
+                    cache[c] = {k: v[0] for k, v in self.frozen_text(ids[i:i + 1].to(self.dist.device)).items()}
+                if len(cache) > TEXT_CACHE:
+                    cache.pop(next(iter(cache)))
+        return {name: torch.stack([cache[c][name] for c in captions]) for name in cache[captions[0]]}
+
+    def frozen_text(self, ids: Tensor) -> dict[str, Tensor]:
+        """The objective's text inputs from a frozen encoder."""
+        return {"context": self.text_encoder.encode_ids(ids)}
 
     # --- samples and export ------------------------------------------------------------------------------
 
@@ -447,6 +496,67 @@ class UNetTask:
         self.pipeline(ema_objective).save_pretrained(tmp, dtype=getattr(torch, self.config.train.export_dtype))
         replace_dir(tmp, path)
         return path
+
+
+# ------------------------------------------------------------------------------------------------ mmdit
+
+
+class MMDiTTask(UNetTask):
+    """Train reverie's own text-to-image transformer (reverie.families.mmdit): an MMDiT of model.mmdit_preset on
+    rectified flow (logit-normal training times, Esser et al. 2024) in the latent space of a frozen VAE, with the
+    UNet task's text encoder, tokenizer, latent cache and caption dropout. Exports a ReverieMMDiTPipeline folder."""
+
+    kind = "mmdit"
+    network_dir = "transformer"
+
+    def make_schedule(self, m):
+        from ..flow import FlowSchedule
+
+        config = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
+                  "shift": m.flow_shift}
+        return config, FlowSchedule.from_config(config)
+
+    def make_network(self, m) -> nn.Module:
+        from ..models.mmdit import MMDIT_PRESETS, MMDiT
+
+        if m.mmdit_preset not in MMDIT_PRESETS:
+            raise ValueError(f"model.mmdit_preset must be one of {', '.join(MMDIT_PRESETS)}; got {m.mmdit_preset!r}")
+        if not self.text_encoder.is_clip:
+            raise ValueError("model.text_encoder_path: an mmdit run needs a CLIP text encoder (its pooled state "
+                             "conditions the transformer)")
+        C, h, _ = self.latent_shape
+        width = self.text_encoder.hidden_size
+        config = dataclasses.replace(MMDIT_PRESETS[m.mmdit_preset], in_channels=C, out_channels=C, sample_size=h,
+                                     pos_embed_max_size=h // MMDIT_PRESETS[m.mmdit_preset].patch_size,
+                                     joint_attention_dim=width, pooled_projection_dim=width)
+        return MMDiT(config)
+
+    def make_objective(self) -> nn.Module:
+        return FlowObjective(self.network, self.text_encoder if self.train_text_encoder else None)
+
+    def draw_time(self, draws: StepDraws) -> Tensor:
+        """The items' flow times (b,): logit-normal(0, 1), SD3's default (FlowDenoiser.loss)."""
+        return torch.sigmoid(draws.randn())
+
+    def _token_ids(self, captions: list[str]) -> Tensor:
+        """(B, L) ids as the family's pipeline tokenizes them (TextEncoder.tokenize_truncated)."""
+        missing = [c for c in dict.fromkeys(captions) if c not in self._ids]
+        if missing:
+            for c, ids in zip(missing, self.text_encoder.tokenize_truncated(missing)):
+                self._ids[c] = ids
+        return torch.stack([self._ids[c] for c in captions])
+
+    def frozen_text(self, ids: Tensor) -> dict[str, Tensor]:
+        context, pooled = self.text_encoder.encode_ids_pooled(ids)
+        return {"context": context, "pooled": pooled}
+
+    def pipeline(self, ema_objective: FlowObjective):
+        from ..pipeline import Pipeline
+
+        text_encoder = ema_objective.text_encoder if self.train_text_encoder else self.text_encoder
+        components = dict(transformer=ema_objective.transformer, vae=self.vae, text_encoder=text_encoder)
+        return Pipeline.from_components("mmdit", components, self.schedule, name=self.out_dir.name,
+                                        device=self.dist.device, scheduler_config=self.scheduler_config)
 
 
 # ------------------------------------------------------------------------------------------------ controlnet
@@ -510,7 +620,7 @@ class ControlNetTask(UNetTask):
         unet.to(device).eval().requires_grad_(False)
         self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
         self.latent_shape = latent_shape(self.vae, dataset)
-        self.train_text_encoder, self._ids = False, {}
+        self.train_text_encoder, self._ids, self._text_cache = False, {}, {}
         self.captions, self.moments = None, None
         if config.data.cache_latents:
             cache = out_dir / "cache" / f"latents-{fingerprint(self.vae, config, len(dataset))}.safetensors"
@@ -571,4 +681,4 @@ class ControlNetTask(UNetTask):
         return path
 
 
-TASKS = {"vae": VAETask, "unet": UNetTask, "controlnet": ControlNetTask}
+TASKS = {"vae": VAETask, "unet": UNetTask, "mmdit": MMDiTTask, "controlnet": ControlNetTask}
