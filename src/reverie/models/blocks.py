@@ -89,23 +89,26 @@ class AdaNorm(nn.Module):
 
 
 class GELU(nn.Module):
-    """Linear then tanh-approximated GELU (diffusers' GELU(approximate="tanh"), key `proj`)."""
+    """Linear then GELU, tanh-approximated by default (diffusers' GELU(approximate="tanh"), key `proj`);
+    approximate="none" is the exact erf form (diffusers' activation_fn="gelu")."""
 
-    def __init__(self, dim_in: int, dim_out: int):
+    def __init__(self, dim_in: int, dim_out: int, approximate: str = "tanh"):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.gelu(self.proj(x), approximate="tanh")
+        return F.gelu(self.proj(x), approximate=self.approximate)
 
 
 class FeedForward(nn.Module):
-    """The transformer MLP: GELU-tanh up-projection, then down (keys net.0.proj, net.2, as diffusers)."""
+    """The transformer MLP: GELU (tanh by default) up-projection, then down (keys net.0.proj, net.2, as diffusers)."""
 
-    def __init__(self, dim: int, mult: float = 4, dim_out: int | None = None, inner_dim: int | None = None):
+    def __init__(self, dim: int, mult: float = 4, dim_out: int | None = None, inner_dim: int | None = None,
+                 approximate: str = "tanh"):
         super().__init__()
         inner = inner_dim or int(dim * mult)
-        self.net = nn.ModuleList([GELU(dim, inner), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)])
+        self.net = nn.ModuleList([GELU(dim, inner, approximate), nn.Dropout(0.0), nn.Linear(inner, dim_out or dim)])
 
     def forward(self, x: Tensor) -> Tensor:
         for layer in self.net:
