@@ -10,6 +10,8 @@ where the time goes.
 
     python bench/train_step.py                                  # UNet vs MMDiT on CPU, batch 32
     python bench/train_step.py --config configs/shapes_unet.toml --config configs/shapes_unet.toml --compile 1
+    python bench/train_step.py --config configs/shapes_unet.toml --config configs/shapes_mmdit.toml \
+        --config configs/shapes_mmdit.toml --set 2:model.text_max_length=16 --set 2:model.text_layers=1
     python bench/train_step.py --device cuda --batch 256 --amp bf16
     python bench/train_step.py --config configs/shapes_mmdit.toml --steps 30 --profile 5
 """
@@ -32,7 +34,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_trainer(path: str, args, out: Path, compiled: bool):
+def make_trainer(path: str, args, out: Path, compiled: bool, overrides: list[str]):
     from reverie.data.shapes import ShapesDataset
     from reverie.train import load_config
     from reverie.train.distributed import setup_distributed
@@ -41,7 +43,7 @@ def make_trainer(path: str, args, out: Path, compiled: bool):
     config = load_config(path, [
         f"--model.vae_path={args.vae}", f"--train.output_dir={out}", f"--train.batch_size={args.batch}",
         f"--train.device={args.device}", f"--train.mixed_precision={args.amp}", "--log.progress=false",
-        f"--data.options.size={args.images}"])
+        f"--data.options.size={args.images}", *overrides])
     dist = setup_distributed(config.train.device)
     trainer = Trainer(config, ShapesDataset(size=args.images, resolution=64, seed=0), dist, out, resume=False)
     trainer.start(None)
@@ -59,6 +61,8 @@ def main() -> None:
                         help=f"a shapes unet or mmdit config, repeatable (default: {' and '.join(DEFAULT_CONFIGS)})")
     parser.add_argument("--compile", action="append", type=int, default=None, metavar="INDEX",
                         help="torch.compile the objective of the config at this index (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="INDEX:KEY=VALUE",
+                        help="a config override for the config at INDEX, e.g. 1:model.text_layers=1 (repeatable)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--amp", default="no", choices=["no", "bf16", "fp16"])
@@ -70,7 +74,10 @@ def main() -> None:
     configs, compiled = args.config or DEFAULT_CONFIGS, set(args.compile or ())
 
     with tempfile.TemporaryDirectory() as root:
-        trainers = [make_trainer(path, args, Path(root) / str(i), i in compiled) for i, path in enumerate(configs)]
+        overrides = [[f"--{o.split(':', 1)[1]}" for o in args.set if o.split(":", 1)[0] == str(i)]
+                     for i in range(len(configs))]
+        trainers = [make_trainer(path, args, Path(root) / str(i), i in compiled, overrides[i])
+                    for i, path in enumerate(configs)]
         device = trainers[0].dist.device
         step_s = [[] for _ in trainers]
         inputs_s = [[] for _ in trainers]
@@ -95,7 +102,7 @@ def main() -> None:
             params = sum(p.numel() for p in trainer.task.network.parameters()) / 1e6
             rates.append(args.batch / step)
             print(f"  [{i}] {trainer.config.model.kind:6s} {params:5.1f}M parameters{', compiled' if i in compiled else ''}"
-                  f"  ({path})")
+                  f"  ({path}{''.join(' ' + o for o in overrides[i])})")
             print(f"      whole step {step * 1e3:8.1f} ms   ({1 / step:.2f} it/s, {rates[-1]:.1f} images/s); "
                   f"task.inputs {inp * 1e3:.1f} ms ({inp / step:.1%})")
         for i in range(1, len(configs)):

@@ -36,6 +36,33 @@ def test_adherence_is_perfect_on_real_images_and_zero_on_blank_ones():
     assert blank["one/fully_correct"] == blank["two/fully_correct"] == 0.0
 
 
+def test_one_prompt_over_ten_seeds(tmp_path, capsys, monkeypatch):
+    """reverie eval --prompt: ten seeds of one caption, each scored; the wrong ones named; a row of the images."""
+    from reverie import cli, pipeline
+    from reverie.eval.adherence import prompt_seeds
+
+    data = ShapesDataset(size=12, split="train", seed=0)
+    caption = data.captions[0]
+
+    class Alternating(ReplayPipe):  # the caption's own image at even seeds, a blank one at odd seeds
+        def __call__(self, prompts, **kwargs):
+            self.calls.append(kwargs)
+            images = [self.images[p] if s % 2 == 0 else Image.new("RGB", (64, 64), "white")
+                      for p, s in zip(prompts, kwargs["seed"])]
+            return SimpleNamespace(images=images)
+
+    pipe = Alternating(data)
+    scores, images = prompt_seeds(pipe, caption, 10, steps=3, seed=0)
+    assert [s["fully_correct"] for s in scores] == [i % 2 == 0 for i in range(10)] and len(images) == 10
+    assert pipe.calls[0]["seed"] == list(range(10))
+    monkeypatch.setattr(pipeline.Pipeline, "from_pretrained", classmethod(lambda cls, *a, **k: Alternating(data)))
+    grid = tmp_path / "first.png"
+    cli.main(["eval", "--prompt", caption, "--steps", "3", "--plot", str(grid)])
+    out = capsys.readouterr().out
+    assert "5 of seeds 0-9 fully correct; wrong: [1, 3, 5, 7, 9]" in out and "seed 1: wrong (count" in out
+    assert Image.open(grid).size == (640, 64)
+
+
 def test_paraphrases_keep_no_word_of_the_grammar_and_are_scored_against_the_caption():
     from reverie.data.shapes import COLORS, POSITION_PHRASES, RELATIONS, SHAPES, SIZES
     from reverie.eval.paraphrase import paraphrase

@@ -20,7 +20,7 @@ from reverie.cli import model_path
 from reverie.models.controlnet import ControlNet
 from reverie.server import Engine, Limits, Request, create_app
 
-from test_server_support import Gated, pixels, wait_for
+from test_server_support import Gated, pixels, running, wait_for
 from tiny_families import sdxl_folder, source_image
 
 diffusers = pytest.importorskip("diffusers")  # tiny_families saves its folders with diffusers
@@ -173,10 +173,8 @@ def served(sdxl):
 @pytest.fixture(scope="module")
 def server(served, tmp_path_factory):
     pipes, nets = served
-    e = Engine(dict(pipes), tmp_path_factory.mktemp("store"), controlnets=nets).start()  # sdxl is the default
-    assert e.wait_ready(120), e.load_error
-    yield e
-    e.close()
+    with running(pipes, tmp_path_factory.mktemp("store"), controlnets=nets) as e:  # sdxl is the default
+        yield e
 
 
 @pytest.fixture(scope="module")

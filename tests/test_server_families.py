@@ -20,7 +20,7 @@ from reverie.cli import main
 from reverie.flow import FlowSchedule
 from reverie.server import Engine, Limits, Request, create_app
 
-from test_server_support import Gated, pixels, wait_for
+from test_server_support import Gated, pixels, running, wait_for
 from tiny_families import dit_folder, flux_folder, sd3_folder
 
 diffusers = pytest.importorskip("diffusers")  # tiny_families saves its folders with diffusers
@@ -48,10 +48,8 @@ def pipes(folders):
 
 @pytest.fixture(scope="module")
 def server(pipes, tmp_path_factory):
-    e = Engine(dict(pipes), tmp_path_factory.mktemp("store")).start()  # sd3 is the default
-    assert e.wait_ready(120), e.load_error
-    yield e
-    e.close()
+    with running(pipes, tmp_path_factory.mktemp("store")) as e:  # sd3 is the default
+        yield e
 
 
 @pytest.fixture(scope="module")

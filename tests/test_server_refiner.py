@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from reverie import Pipeline
-from reverie.server import Engine, Limits, Request, create_app
+from reverie.server import Limits, Request, create_app
 from reverie.server import family as families
 from reverie.server.job import FieldError
 
-from test_server_support import pixels
+from test_server_support import pixels, running
 from tiny_families import sd3_folder, sdxl_folder
 
 diffusers = pytest.importorskip("diffusers")  # tiny_families saves its folders with diffusers
@@ -59,10 +59,8 @@ def pipes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(pipes, tmp_path_factory):
-    e = Engine(dict(pipes), tmp_path_factory.mktemp("store")).start()  # base is the default
-    assert e.wait_ready(120), e.load_error
-    yield e
-    e.close()
+    with running(pipes, tmp_path_factory.mktemp("store")) as e:  # base is the default
+        yield e
 
 
 @pytest.fixture(scope="module")

@@ -61,6 +61,17 @@ def engine(tmp_path, pipe=None, **options) -> Engine:
     return e
 
 
+@contextlib.contextmanager
+def running(models: dict, store, **options):
+    """A started, ready engine on `models` (name -> Pipeline; the first is the default), closed afterwards."""
+    e = Engine(dict(models), store, **options).start()
+    assert e.wait_ready(120), e.load_error
+    try:
+        yield e
+    finally:
+        e.close()
+
+
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:

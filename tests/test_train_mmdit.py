@@ -13,16 +13,12 @@ from reverie.denoisers import FlowDenoiser
 from reverie.train import load_config, train
 from reverie.train.checkpoint import latest_checkpoint, load_checkpoint_dir
 
-from test_train import Squares, assert_states_equal, first_and_last, vae_dir  # noqa: F401  (vae_dir: a fixture)
+from test_train import Squares, assert_states_equal, first_and_last, unet_config, vae_dir  # noqa: F401
 
 
 def mmdit_config(out, vae_dir, *overrides):
-    return load_config(None, ["--model.kind=mmdit", f"--model.vae_path={vae_dir}", "--model.mmdit_preset=tiny",
-                              "--model.text_hidden_size=16", "--model.text_layers=1", "--model.text_heads=2",
-                              "--model.text_max_length=12", "--model.vocab_size=600", f"--train.output_dir={out}",
-                              "--train.batch_size=4", "--optim.lr=2e-3", "--optim.warmup_steps=2",
-                              "--train.ema_decay=0.9", "--log.progress=false", "--log.sample_every=0",
-                              "--log.sample_count=2", "--log.sample_steps=2", *overrides])
+    """test_train's tiny unet run, as an mmdit run."""
+    return unet_config(out, vae_dir, "--model.kind=mmdit", "--model.mmdit_preset=tiny", *overrides)
 
 
 def test_mmdit_run_learns_and_exports_a_pipeline_that_generates(tmp_path, vae_dir):

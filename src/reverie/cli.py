@@ -263,6 +263,9 @@ def _eval(args) -> None:
     if args.controlnet:
         _eval_control(args, pipe)
         return
+    if args.prompt is not None:
+        _eval_prompt(args, pipe)
+        return
     captions = shapes_captions(args.split, args.n, args.caption_seed)
     if args.sweep:
         _eval_sweep(args, pipe, captions)
@@ -286,6 +289,24 @@ def _eval(args) -> None:
           f"{args.steps} steps, guidance {args.guidance}:")
     for key, value in scores.items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+
+
+def _eval_prompt(args, pipe) -> None:
+    """One caption at seeds --seed .. --seed + 9: which images the analyzer reads as fully correct."""
+    from .eval.adherence import prompt_seeds
+    from .eval.plot import image_grid
+
+    scores, images = prompt_seeds(pipe, args.prompt, 10, steps=args.steps, guidance_scale=args.guidance,
+                                  sampler=args.sampler, seed=args.seed)
+    wrong = [args.seed + i for i, s in enumerate(scores) if not s["fully_correct"]]
+    print(f"{args.prompt!r}, {args.sampler}, {args.steps} steps, guidance {args.guidance}: "
+          f"{10 - len(wrong)} of seeds {args.seed}-{args.seed + 9} fully correct; wrong: {wrong or 'none'}")
+    for i, s in enumerate(scores):
+        failed = [k for k, v in s.items() if v is False and k != "fully_correct"]
+        print(f"  seed {args.seed + i}: {'correct' if s['fully_correct'] else 'wrong (' + ', '.join(failed) + ')'}")
+    if args.plot:
+        image_grid(images, 10).save(args.plot)
+        print(f"wrote {args.plot}: seeds {args.seed}-{args.seed + 9}, left to right")
 
 
 def _eval_emoji(args, pipe) -> None:
@@ -514,6 +535,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--plot", default=None, help="with --sweep: write the plot to this PNG; with --controlnet: a "
                                                  "grid of 8 controls above their images; otherwise a grid of "
                                                  "samples of common prompts")
+    ev.add_argument("--prompt", default=None, help="score this one caption at seeds --seed .. --seed + 9 (with "
+                                                   "--plot: a row of the ten images)")
     ev.add_argument("--paraphrase", action="store_true",
                     help="generate from paraphrases of the captions ('a crimson disk' for 'a red circle'), score "
                          "against the captions: how well the text encoder follows unseen wording")

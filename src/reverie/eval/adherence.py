@@ -3,6 +3,7 @@
     reverie eval --model runs/shapes_unet/model --split heldout --n 200 --guidance 7.5 --steps 20
     reverie eval --sweep cfg --plot docs/cfg.png      # adherence and diversity at guidance 1, 2, 4, 7.5, 12, 20
     reverie eval --sweep steps --plot docs/steps.png  # adherence against steps for ddim, euler, dpmpp_2m, unipc
+    reverie eval --prompt "a red circle above a blue square" --plot first.png    # one caption, seeds 0-9
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def evaluate_shapes(pipe, captions: list[str], *, steps: int = 20, guidance_scal
                     totals[group, key] += 1
     return {f"{group}/{key}": hits[group, key] / totals[group, key] for group, key in sorted(totals)} | {
         "n_one": totals["one", "fully_correct"], "n_two": totals["two", "fully_correct"]}
+
+
+def prompt_seeds(pipe, prompt: str, seeds: int = 10, *, steps: int = 20, guidance_scale: float = 7.5,
+                 sampler: str = "dpmpp_2m", seed: int = 0) -> tuple[list[dict], list]:
+    """One caption at seeds seed .. seed + seeds - 1 (as evaluate_shapes numbers them): each image's analyzer
+    scores, and the images."""
+    result = pipe([prompt] * seeds, steps=steps, guidance_scale=guidance_scale, sampler=sampler, width=64, height=64,
+                  seed=list(range(seed, seed + seeds)), progress=False)
+    return [score(image, prompt) for image in result.images], result.images
 
 
 def diversity(pipe, captions: list[str], *, seeds: int = 4, steps: int = 20, guidance_scale: float = 7.5,

@@ -6,6 +6,8 @@ arguments to Pipeline.__call__.
     DiT      a class id or label name as the prompt, no negative prompt: any labels batch
     SD3      CLIP + T5 states of a fixed length: requests batch when max_sequence_length and skip-layer
              guidance agree
+    mmdit    reverie's own MMDiT: one CLIP's states of a fixed length; requests batch when skip-layer guidance
+             agrees
     FLUX     as SD3; the distilled guidance (guidance_scale) and true_cfg_scale are one value per call, so
              they must agree too. true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
              ("" when none is given, as Forge does with cfg_scale > 1)
@@ -141,6 +143,8 @@ def conditioning_key(pipe, r: Request) -> tuple:
     if name == "sd3":
         return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], tuple(r.skip_guidance_layers or ()),
                 r.skip_layer_guidance_scale)
+    if name == "mmdit":  # reverie's own: CLIP states of a fixed length, SD3's skip-layer guidance
+        return (tuple(r.skip_guidance_layers or ()), r.skip_layer_guidance_scale)
     if name == "flux":
         return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], r.guidance_scale,
                 r.true_cfg_scale if uses_cfg(pipe, r) else None)
