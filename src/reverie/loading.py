@@ -114,7 +114,8 @@ def load_single_file(path: Path, *, allow_pickle: bool = False, tokenizer=None):
 
 
 def save_folder(pipe, path: Path, *, dtype=None) -> None:
-    """Write pipe as a diffusers StableDiffusionPipeline folder."""
+    """Write pipe as a diffusers StableDiffusionPipeline folder (LatentConsistencyModelPipeline for an LCM UNet,
+    one with time_cond_proj_dim: the same components, run without CFG)."""
     path.mkdir(parents=True, exist_ok=True)
     weights = "diffusion_pytorch_model.safetensors"
     save_component(path / "unet", pipe.unet.state_dict(), pipe.unet.to_config(), weights, dtype)
@@ -131,7 +132,8 @@ def save_folder(pipe, path: Path, *, dtype=None) -> None:
         "scheduler": ("diffusers", pipe.scheduler_config.get("_class_name", "DDIMScheduler")),
         "safety_checker": safety and ("stable_diffusion", "StableDiffusionSafetyChecker"),
         "feature_extractor": safety and safety[1] and ("transformers", "CLIPImageProcessor"),
-    }, extra={"requires_safety_checker": bool(safety)})
+    }, class_name="LatentConsistencyModelPipeline" if pipe.unet.config.time_cond_proj_dim is not None
+        else "StableDiffusionPipeline", extra={"requires_safety_checker": bool(safety)})
 
 
 def _copy_safety_checker(pipe, path: Path):

@@ -18,30 +18,34 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("vae", "unet", "mmdit", "controlnet")
+KINDS = ("vae", "unet", "mmdit", "controlnet", "lcm")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "bf16", "fp16")
 RECON_LOSSES = ("l1", "l2")
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
+LCM_LOSSES = ("huber", "l2")
 CHOICES = {"model.kind": KINDS, "model.prediction": PREDICTIONS, "model.beta_schedule": BETA_SCHEDULES,
            "train.mixed_precision": MIXED_PRECISION, "train.recon_loss": RECON_LOSSES,
-           "train.export_dtype": EXPORT_DTYPES}
+           "train.export_dtype": EXPORT_DTYPES, "train.lcm_loss": LCM_LOSSES}
 MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 0, "model.text_heads": 1, "model.text_max_length": 3,
             "model.vocab_size": 514, "optim.warmup_steps": 0, "train.steps": 1, "train.batch_size": 1,
             "train.grad_accum": 1, "train.seed": 0, "train.max_nonfinite": 1, "train.checkpoint_every": 0,
             "train.keep_checkpoints": 1, "train.time_limit_minutes": 0, "log.every": 1, "log.sample_every": 0,
-            "log.sample_count": 1, "log.sample_steps": 1}
-RANGES = {"model.flow_shift": (0, math.inf), "optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf), "optim.min_lr_ratio": (0, 1),
+            "log.sample_count": 1, "log.sample_steps": 1,
+            "model.lcm_w_embedding_dim": 1}
+RANGES = {"model.flow_shift": (0, math.inf), "optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf),
+          "optim.min_lr_ratio": (0, 1),
           "optim.grad_clip": (0, math.inf), "train.ema_decay": (0, 1), "train.cond_dropout": (0, 1),
-          "train.offset_noise": (0, math.inf), "train.kl_weight": (0, math.inf), "log.sample_guidance": (0, math.inf)}
+          "train.offset_noise": (0, math.inf), "train.kl_weight": (0, math.inf), "log.sample_guidance": (0, math.inf),
+          "train.lcm_w_min": (0, math.inf), "train.lcm_w_max": (0, math.inf), "train.lcm_target_decay": (0, 1)}
 
 
 @dataclass
 class ModelConfig:
     kind: str = "unet"  # what is trained: "vae" (the autoencoder), "unet" (latent denoiser, + text encoder),
-    #                     "mmdit" (a rectified-flow MMDiT, + text encoder) or "controlnet" (a ControlNet for the
-    #                     frozen model.base_model)
+    #                     "mmdit" (a rectified-flow MMDiT, + text encoder), "controlnet" (a ControlNet for the
+    #                     frozen model.base_model) or "lcm" (a Latent Consistency Model distilled from model.base_model)
     vae_preset: str = "small-f8"  # vae runs: architecture, a name in reverie.models.vae.VAE_PRESETS
     vae_path: str = ""  # unet runs: the frozen VAE (a vae run's output dir, a vae/ folder or a pipeline); vae runs: start from it
     unet_preset: str = "small"  # unet runs: UNET_PRESETS name; channels and text width adapt to the VAE and encoder
@@ -61,7 +65,9 @@ class ModelConfig:
     text_heads: int = 4  # from scratch: attention heads
     text_max_length: int = 77  # from scratch and BERT-family encoders: tokens per prompt, BOS and EOS included
     vocab_size: int = 1024  # from scratch: BPE vocabulary trained on the data set's captions (>= 514)
-    base_model: str = ""  # controlnet runs: the frozen text-to-image model (a diffusers folder or a bundled name)
+    base_model: str = ""  # controlnet and lcm runs: the frozen text-to-image model (a diffusers folder or a bundled
+    #                       name); lcm runs distil it (its UNet is the teacher and the student's init)
+    lcm_w_embedding_dim: int = 256  # lcm runs: the student's time_cond_proj_dim (width of the w-embedding)
     control_type: str = "segmentation"  # controlnet runs: the control derived from each image (segmentation | canny)
 
 
@@ -109,6 +115,11 @@ class TrainConfig:
     checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 3  # most recent checkpoints kept (older ones deleted after a new one is committed)
     export_dtype: str = "float32"  # dtype of the exported weights: float32 | float16 | bfloat16
+    lcm_w_min: float = 3.0  # lcm runs: guidance weights w ~ U[lcm_w_min, lcm_w_max] (guidance scale w + 1)
+    lcm_w_max: float = 15.0  # lcm runs: see lcm_w_min
+    lcm_loss: str = "huber"  # lcm runs: huber (pseudo-Huber, c = lcm_huber_c) | l2
+    lcm_huber_c: float = 0.001  # lcm runs: the pseudo-Huber constant c (> 0)
+    lcm_target_decay: float = 0.95  # lcm runs: EMA rate mu of the target network (the export uses ema_decay)
 
 
 @dataclass
@@ -142,13 +153,16 @@ class Config:
             value = self.get(name)
             if value is not None and not low <= value <= high:  # also rejects NaN
                 raise ValueError(f"{name} must be in [{low}, {high}]; got {value}")
-        for name in ("optim.lr", "optim.eps"):
+        for name in ("optim.lr", "optim.eps", "train.lcm_huber_c"):
             if not 0 < self.get(name) < math.inf:
                 raise ValueError(f"{name} must be a finite number > 0; got {self.get(name)}")
         if not all(0 <= b < 1 for b in self.optim.betas):
             raise ValueError(f"optim.betas must be two numbers in [0, 1); got {self.optim.betas}")
         if self.train.min_snr_gamma is not None and not self.train.min_snr_gamma > 0:
             raise ValueError(f"train.min_snr_gamma must be None or > 0; got {self.train.min_snr_gamma}")
+        if self.train.lcm_w_min > self.train.lcm_w_max:
+            raise ValueError(f"train.lcm_w_min ({self.train.lcm_w_min}) must be <= train.lcm_w_max "
+                             f"({self.train.lcm_w_max})")
         m = self.model
         if m.text_hidden_size % m.text_heads:
             raise ValueError(f"model.text_heads ({m.text_heads}) must divide model.text_hidden_size "

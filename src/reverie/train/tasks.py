@@ -357,6 +357,29 @@ class UNetTask:
                              f"channels, model.text_hidden_size): unknown {unknown[:3]}, other shapes {misfit[:3]}")
         self.network.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
 
+    def frozen_base(self, base_model: str) -> tuple[UNet, dict]:
+        """Set up a task on a frozen trained model (model.base_model: a diffusers folder or a bundled name): its
+        VAE and text encoder (frozen, on the device), the data set's latent shape and latent cache, no trained
+        encoder. Returns its frozen UNet and scheduler config."""
+        from ..loading import load_folder, model_path
+
+        config, device = self.config, self.dist.device
+        unet, vae, text_encoder, scheduler_config = load_folder(model_path(base_model))
+        self.vae = vae.to(device).eval().requires_grad_(False)
+        self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
+        unet.to(device).eval().requires_grad_(False)
+        self.latent_shape = latent_shape(self.vae, self.dataset)
+        self.train_text_encoder, self._ids, self._text_cache = False, {}, {}
+        self.captions, self.moments = None, None
+        if config.data.cache_latents:
+            cache = self.out_dir / "cache" / f"latents-{fingerprint(self.vae, config, len(self.dataset))}.safetensors"
+            if self.dist.is_main and not cache.is_file():
+                self._write_cache(cache)
+            self.dist.barrier()
+            mean, std, self.captions = self._read_cache(cache)
+            self.moments = (mean, std)
+        return unet, scheduler_config
+
     # --- the data pass and the latent cache ----------------------------------------------------------------
 
     def _scan(self, images: bool):
@@ -602,7 +625,6 @@ class ControlNetTask(UNetTask):
 
     def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
         from ..control import CONTROL_TYPES, check_control_type
-        from ..loading import load_folder, model_path
         from ..models.controlnet import ControlNet
 
         self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
@@ -614,21 +636,8 @@ class ControlNetTask(UNetTask):
         if self.control_type == "none":
             raise ValueError(f"model.control_type must be one of "
                              f"{', '.join(repr(k) for k in CONTROL_TYPES if k != 'none')}; got 'none'")
-        unet, vae, text_encoder, self.scheduler_config = load_folder(model_path(m.base_model))
-        self.vae = vae.to(device).eval().requires_grad_(False)
-        self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
-        unet.to(device).eval().requires_grad_(False)
+        unet, self.scheduler_config = self.frozen_base(m.base_model)
         self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
-        self.latent_shape = latent_shape(self.vae, dataset)
-        self.train_text_encoder, self._ids, self._text_cache = False, {}, {}
-        self.captions, self.moments = None, None
-        if config.data.cache_latents:
-            cache = out_dir / "cache" / f"latents-{fingerprint(self.vae, config, len(dataset))}.safetensors"
-            if dist.is_main and not cache.is_file():
-                self._write_cache(cache)
-            dist.barrier()
-            mean, std, self.captions = self._read_cache(cache)
-            self.moments = (mean, std)
         torch.manual_seed(config.train.seed)  # the control encoder's random init
         # its control encoder downsamples as the VAE
         controlnet = ControlNet.from_unet(unet, downsample_factor=self.vae.downsample_factor)
@@ -681,4 +690,6 @@ class ControlNetTask(UNetTask):
         return path
 
 
-TASKS = {"vae": VAETask, "unet": UNetTask, "mmdit": MMDiTTask, "controlnet": ControlNetTask}
+from .lcd import LCMDistillTask  # noqa: E402  (lcd.py builds on the classes above)
+
+TASKS = {"vae": VAETask, "unet": UNetTask, "mmdit": MMDiTTask, "controlnet": ControlNetTask, "lcm": LCMDistillTask}
