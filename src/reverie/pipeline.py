@@ -1,8 +1,9 @@
-"""Text-to-image for every model family: request -> conditioning -> start latents -> denoiser -> guidance and
-feature wrappers -> sampler -> decode -> safety -> images and the parameters used.
+"""Text-to-image (and text-to-video) for every model family: request -> conditioning -> start latents -> denoiser
+-> guidance and feature wrappers -> sampler -> decode -> safety -> images (or videos) and the parameters used.
 
-The pipeline only wires components together. What differs between SD 1/2, DiT, SD3 and FLUX lives in the
-model's family (reverie.families: components, conditioning, the network call, the latent layout); what differs
+The pipeline only wires components together. What differs between SD 1/2, DiT, SD3, FLUX and Wan lives in the
+model's family (reverie.families: components, conditioning, the network call, the latent layout and how it
+decodes: video families sample (B, C, frames, h, w) latents with the same samplers); what differs
 between discrete VP and flow schedules in reverie.sampling. The network becomes a denoiser (reverie.denoisers),
 guidance is a denoiser wrapper (reverie.guidance), img2img and inpainting are reverie.edit's plan, and the
 sampler and its noise levels come from reverie.samplers.resolve and the model's own schedule, so every sampler
@@ -40,10 +41,12 @@ MAX_SEED = 2**32 - 1
 class GenerationResult:
     """What a generation produced and exactly how: enough to reproduce it."""
 
-    images: list[Image.Image]
-    latents: Tensor  # (B, C, h, w) final latents, before the VAE
+    images: list[Image.Image]  # one per image; for a video, its first frame (previews, safety, metadata)
+    latents: Tensor  # (B, C, h, w) final latents, before the VAE; video: (B, C, frames, h, w)
     params: dict = field(default_factory=dict)  # prompt, negative_prompt, steps, guidance_scale, sampler, ...
     nsfw: list[bool] = field(default_factory=list)  # per image: flagged by the safety filter (and replaced)
+    frames: list[list[Image.Image]] | None = None  # video families: per video, its frames; None for images
+    videos: Tensor | None = None  # video families: (B, F, 3, H, W) floats in [0, 1] (diffusers' "pt" frames)
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> int:
@@ -84,6 +87,26 @@ def to_pil(images: Tensor) -> list[Image.Image]:
     """(B, 3, H, W) in [-1, 1] -> PIL images, rounded as diffusers rounds."""
     arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     return [Image.fromarray((a * 255).round().astype("uint8")) for a in arr]
+
+
+def to_videos(videos: Tensor) -> Tensor:
+    """(B, 3, F, H, W) in [-1, 1] -> (B, F, 3, H, W) in [0, 1], as diffusers' postprocess_video(output_type="pt")."""
+    return (videos.float() / 2 + 0.5).clamp(0, 1).transpose(1, 2).cpu()
+
+
+def first_frames(decoded: Tensor) -> Tensor:
+    """Decoded images (B, 3, H, W) as they are; videos (B, 3, F, H, W) by their first frames (what previews, the
+    safety filter and metadata see)."""
+    return decoded if decoded.ndim == 4 else decoded[:, :, 0]
+
+
+def _result(decoded: Tensor, latents: Tensor, params: dict) -> GenerationResult:
+    """The result for decoded pixels: images (B, 3, H, W), or videos (B, 3, F, H, W) with their first frames as
+    the images."""
+    if decoded.ndim == 4:
+        return GenerationResult(to_pil(decoded), latents, params)
+    frames = [to_pil(video.transpose(0, 1)) for video in decoded]  # (3, F, H, W) -> F frames
+    return GenerationResult([f[0] for f in frames], latents, params, frames=frames, videos=to_videos(decoded))
 
 
 def _check_handoff(denoising_end, denoising_start, image, mask_image, strength, latents):
@@ -142,7 +165,8 @@ class Pipeline:
         self.name, self.device, self.dtype, self.offload = name, torch.device(device), dtype, offload
         # the VAE asks for float32 when fp16 overflows it (diffusers' force_upcast; SD's VAE does)
         vae = self.components["vae"]
-        self.vae_dtype = torch.float32 if dtype == torch.float16 and vae.config.force_upcast else dtype
+        self.vae_dtype = torch.float32 if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) \
+            else dtype
         from .models.quant import to_keeping_fp8
 
         for key, module in self.components.items():
@@ -219,8 +243,8 @@ class Pipeline:
 
     @property
     def downsample_factor(self) -> int:
-        """The VAE's factor: image pixels per latent pixel."""
-        return self.vae.downsample_factor
+        """The VAE's factor: image pixels per latent pixel (along each side)."""
+        return self.family.downsample_factor(self)
 
     @property
     def size_multiple(self) -> int:
@@ -238,15 +262,16 @@ class Pipeline:
     source = None  # the path the model was opened from: its hash goes into image metadata
 
     def decode_latents(self, latents: Tensor) -> Tensor:
-        """(B, C, h, w) latents in the network's space -> (B, 3, H, W) images in [-1, 1] (VAE scale and shift)."""
+        """(B, C, h, w) latents in the network's space -> (B, 3, H, W) images in [-1, 1] (VAE scale and shift);
+        a video family's (B, C, frames, h, w) -> (B, 3, F, H, W) (reverie.families: Family.decode)."""
         with self._on_device(self.vae) as vae, torch.inference_mode():
-            return vae.decode(latents.to(self.device, self.vae_dtype) / vae.scaling_factor + vae.shift_factor)
+            return self.family.decode(vae, latents.to(self.device, self.vae_dtype))
 
     def _guard_previews(self, callback, prompts: list):
         """The step callback, seeing latents only through the safety filter (reverie.safety.CheckedStep)."""
         if self.safety_checker is None or callback is None:
             return callback
-        return self.safety_checker.guard(callback, lambda latents: to_pil(self.decode_latents(latents)),
+        return self.safety_checker.guard(callback, lambda latents: to_pil(first_frames(self.decode_latents(latents))),
                                          [str(p) for p in prompts])
 
     def _checked(self, result: GenerationResult, seed) -> GenerationResult:
@@ -259,6 +284,12 @@ class Pipeline:
             result.images, nsfw = self.safety_checker(result.images, [str(p) for p in result.params["prompt"]])
             keep = torch.tensor([not f for f in nsfw], dtype=result.latents.dtype)
             result.latents = result.latents * keep.reshape(-1, *[1] * (result.latents.ndim - 1))
+            flagged = [i for i, flag in enumerate(nsfw) if flag] if result.frames is not None else []
+            for i in flagged:  # a video is checked by its first frame and replaced whole, frame by frame
+                result.frames[i] = [self.safety_checker.replace(f) for f in result.frames[i]]
+                result.images[i] = result.frames[i][0]
+                pixels = np.stack([np.array(f) for f in result.frames[i]])  # (F, H, W, 3) uint8
+                result.videos[i] = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 255
         result.nsfw = nsfw
         result.params.update(nsfw=nsfw, seed_per_image=isinstance(seed, (list, tuple)) or len(nsfw) == 1,
                              model_hash=model_hash(self.source) if self.source is not None else None)
@@ -356,8 +387,9 @@ class Pipeline:
     def _size(self, width, height, source) -> tuple[int, int]:
         if source is not None:  # img2img / inpainting: the processing size (the image's by default)
             width, height = source.width, source.height
-        width = self.default_size if width is None else width
-        height = self.default_size if height is None else height
+        default_width, default_height = self.family.default_dims(self)
+        width = default_width if width is None else width
+        height = default_height if height is None else height
         factor = self.size_multiple
         for name, value in (("width", width), ("height", height)):
             _check_int(name, value, factor)
@@ -431,7 +463,8 @@ class Pipeline:
         Family options (keyword arguments): SD3 max_sequence_length, prompt_2, prompt_3, skip_guidance_layers,
         skip_layer_guidance_scale / _start / _stop; FLUX max_sequence_length, prompt_2, true_cfg_scale; SDXL
         prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size (and negative_*),
-        aesthetic_score, negative_aesthetic_score (refiners)."""
+        aesthetic_score, negative_aesthetic_score (refiners); Wan num_frames, max_sequence_length (text-to-video:
+        result.frames and result.videos hold the videos, result.images their first frames)."""
         family = self.family
         options = family.check_options(options)
         if clip_skip is not None:
@@ -446,6 +479,12 @@ class Pipeline:
         if controlnet is not None and not family.controlnet:
             raise ValueError(f"controlnet: ControlNet is not available for {family.name} models (only SD 1/2 and "
                              f"SDXL)")
+        if not family.edits:
+            for name, value in (("image", image), ("mask_image", mask_image), ("strength", strength),
+                                ("denoising_end", denoising_end), ("denoising_start", denoising_start)):
+                if value is not None:
+                    raise ValueError(f"{name}: {family.name} models generate from text only here (no img2img, "
+                                     f"inpainting or denoising_end / denoising_start hand-off)")
         width, height = control.default_size(control_image, width, height, self.size_multiple)
         handoff = _check_handoff(denoising_end, denoising_start, image, mask_image, strength, latents)
         if handoff is not None:  # denoising_start: `image` holds latents, not pixels
@@ -472,8 +511,7 @@ class Pipeline:
             use_cfg, cfg_scale, negatives = False, 1.0, None
 
         # the sampling plan: this model's schedule, spaced the way the chosen sampler's family spaces it
-        factor = self.downsample_factor
-        shape = (batch, family.latent_channels(self), height // factor, width // factor)
+        shape = family.latent_shape(self, batch, width, height, options)
         mu = family.mu(self, shape)
         sigmas = sampling.sigmas(steps, choice, mu=mu)
         generator, seeds = self._generators(seed, batch)
@@ -531,4 +569,4 @@ class Pipeline:
                            latent_sigma=float(sigmas[-1]) if denoising_end is not None else 0.0)
         params |= control.describe(controls, guess_mode)
         params |= plan.params
-        return self._checked(GenerationResult(to_pil(images), x.cpu(), params), seed)
+        return self._checked(_result(images, x.cpu(), params), seed)

@@ -24,6 +24,11 @@ SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models for High-Reso
   chunks to one chunk count, pooled vector from the first chunk: its `zs[0].pooled`). For prompts that fit in
   77 tokens both ways give the same numbers.
 
+Wan 2.1 (Wan Team 2025) — `WanPipeline._get_t5_prompt_embeds`: each prompt is cleaned (ftfy.fix_text if ftfy is
+  importable, html.unescape twice, whitespace collapsed), tokenized to max_sequence_length with `</s>`, and read by
+  UMT5 *with* its attention mask; each row keeps its real tokens' states and the rest is set to zero, so the network
+  sees (B, max_sequence_length, d_model) with zero rows (it has no text mask: max_sequence_length matters).
+
 Each function encodes one list of prompts; a family calls it again for the negatives (SD3: clip_skip=None, as
 diffusers applies clip_skip to the positive prompt only; SDXL has `sdxl_negative_conditioning`). SD3/FLUX results
 are on the first CLIP's device; CLIP states in its dtype, T5 states in T5's (diffusers' casts). SDXL results are
@@ -32,7 +37,9 @@ on text_encoder_2's device and in its dtype.
 
 from __future__ import annotations
 
+import html
 import numbers
+import re
 import warnings
 
 import torch
@@ -40,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .models.t5 import T5Encoder, check_max_sequence_length
-from .models.text import CLIPTextModel, CLIPTextModelWithProjection, TextEncoder, check_prompts
+from .models.text import CLIPTextModel, CLIPTextModelWithProjection, TextEncoder, check_prompts, warn_truncated
 
 
 def sd3_conditioning(clip_l: TextEncoder, clip_g: TextEncoder, t5: T5Encoder | None, prompts: str | list[str], *,
@@ -98,6 +105,35 @@ def flux_conditioning(clip: TextEncoder, t5: T5Encoder, prompts: str | list[str]
     _, pooled = clip.encode_pooled(prompts)  # (B, D)
     embeds = t5.encode(prompt_2, max_sequence_length).to(clip.device)  # (B, max_sequence_length, d_model)
     return embeds, pooled
+
+
+def wan_prompt_clean(text: str) -> str:
+    """diffusers' Wan prompt_clean: ftfy.fix_text when ftfy is importable, html.unescape twice, whitespace runs -> one
+    space, stripped (ftfy changes some prompts, so its presence must match to compare with diffusers)."""
+    try:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    except ImportError:
+        pass
+    return re.sub(r"\s+", " ", html.unescape(html.unescape(text)).strip()).strip()
+
+
+def wan_conditioning(text_model, tokenizer, prompts: str | list[str], *, max_sequence_length: int = 512) -> Tensor:
+    """Prompts -> (B, max_sequence_length, d_model) states of a UMT5 (or T5) encoder, as WanPipeline: cleaned,
+    padded / truncated to max_sequence_length (a warning names what truncation drops), encoded with the attention
+    mask, and every position past a prompt's tokens (its `</s>` included in them) zeroed. On the encoder's device,
+    in its dtype."""
+    if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+        raise ValueError(f"max_sequence_length must be an integer >= 1; got {max_sequence_length!r}")
+    prompts = [wan_prompt_clean(p) for p in check_prompts(prompts)]
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_sequence_length, truncation=True,
+                       add_special_tokens=True, return_attention_mask=True, return_tensors="pt")
+    full = tokenizer(prompts, add_special_tokens=True, truncation=False, verbose=False).input_ids
+    warn_truncated(full, max_sequence_length, tokenizer, "UMT5", f"max_sequence_length={max_sequence_length}")
+    mask = tokens.attention_mask.to(text_model.device)  # (B, L)
+    states = text_model(tokens.input_ids.to(text_model.device), mask).last_hidden_state  # (B, L, d_model)
+    return states.masked_fill(mask[..., None] == 0, 0.0)  # real tokens kept, the padding exactly zero
 
 
 def _per_encoder(name: str, value, prompts: list[str]) -> list[str]:

@@ -1,15 +1,16 @@
-"""Model families: what differs between SD 1/2, DiT, SD3 and FLUX — and only that.
+"""Model families: what differs between SD 1/2, DiT, SD3, FLUX and Wan — and only that.
 
 A family is a small object, not a pipeline. It says which components a model has and how they load and save,
 how a request becomes conditioning (text encoders, pooled vectors, class labels, FLUX's guidance value), how the
 network is called (`net(x, t, **cond)` in the family's timestep convention, FLUX's token packing inside it), the
-latent layout (channels, the VAE factor times the patch size) and the schedule kind (discrete VP or flow). The
+latent layout (image latents (B, C, h, w) or video latents (B, C, frames, h, w), the VAE factor times the patch
+size), how latents decode, and the schedule kind (discrete VP or flow). The
 one generation path in reverie.pipeline does the rest — guidance with negatives, img2img, inpainting, the
 sampler, decoding, safety and metadata — for every family, and a family that cannot do something says so.
 
     family_of_folder(path)            the family of a diffusers folder (model_index.json's pipeline class)
     family_of_checkpoint(state_dict)  the family of a single file (its key names)
-    get(name)                         a family by name: "sd", "dit", "sd3", "flux"
+    get(name)                         a family by name: "sd", "sdxl", "dit", "sd3", "flux", "mmdit", "wan"
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ class Family:
     no_negative_reason = ""  # why not, when it cannot
     schedule_kind = "vp"  # "vp" (discrete DDPM: DiscreteSchedule) or "flow" (rectified flow: FlowSchedule)
     controlnet = False  # ControlNet support
+    edits = True  # img2img, inpainting and the denoising_end / denoising_start hand-off (image families)
     defaults = dict(steps=30, guidance_scale=7.5, sampler="dpmpp_2m")  # sampler None: the folder's scheduler
     options: tuple[str, ...] = ()  # family-specific keyword arguments of Pipeline.__call__ (besides clip_skip)
 
@@ -74,6 +76,20 @@ class Family:
     def latent_channels(self, pipe) -> int:
         return pipe.vae.config.latent_channels
 
+    def downsample_factor(self, pipe) -> int:
+        """Pixels per latent pixel along each side (the VAE's spatial factor)."""
+        return pipe.vae.downsample_factor
+
+    def latent_shape(self, pipe, batch: int, width: int, height: int, options: dict) -> tuple:
+        """The shape of the latents sampled for a request: (B, C, h, w) for images (video families add frames)."""
+        f = self.downsample_factor(pipe)
+        return batch, self.latent_channels(pipe), height // f, width // f
+
+    def decode(self, vae, latents: Tensor) -> Tensor:
+        """Latents in the network's space -> pixels in [-1, 1], (B, 3, H, W) for images (the VAE's scale and
+        shift undone); a video family returns (B, 3, F, H, W)."""
+        return vae.decode(latents / vae.scaling_factor + vae.shift_factor)
+
     def size_multiple(self, pipe) -> int:
         """Image sizes must be multiples of this: the VAE's factor times the network's patch size."""
         return pipe.vae.downsample_factor * getattr(pipe.network.config, "patch_size", 1)
@@ -81,6 +97,11 @@ class Family:
     def default_size(self, pipe) -> int:
         sample_size = pipe.network.config.sample_size
         return (sample_size if isinstance(sample_size, int) else sample_size[0]) * pipe.vae.downsample_factor
+
+    def default_dims(self, pipe) -> tuple[int, int]:
+        """(width, height) of a request that gives neither: square at default_size unless the family says."""
+        size = self.default_size(pipe)
+        return size, size
 
     def inpaint_network(self, pipe) -> bool:
         """Whether the network also takes a mask and masked-image latents (SD inpainting UNets)."""
@@ -160,8 +181,9 @@ def _register():
     from .sd import SD
     from .sd3 import SD3
     from .sdxl import SDXL
+    from .wan import Wan
 
-    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux(), ReverieMMDiT())}
+    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux(), ReverieMMDiT(), Wan())}
 
 
 FAMILIES: dict[str, Family] = {}
