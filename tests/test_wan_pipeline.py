@@ -12,51 +12,17 @@ from reverie.pipeline import Pipeline
 from reverie.text_conditioning import wan_conditioning, wan_prompt_clean
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import (AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler,  # noqa: E402
-                       WanPipeline, WanTransformer3DModel)
+from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler  # noqa: E402
 from diffusers.pipelines.wan.pipeline_wan import prompt_clean  # noqa: E402
-from tokenizers import Tokenizer, models, pre_tokenizers, processors  # noqa: E402
-from transformers import PreTrainedTokenizerFast, UMT5Config, UMT5EncoderModel  # noqa: E402
+from tiny_families import wan_pipeline  # noqa: E402
 
-WORDS = "dance monkey negative a cat and dog baking cake in the kitchen red blue quick brown fox &".split()
-TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
-                   out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
-                   qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
 UNIPC = dict(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
-
-
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer with T5's special ids (<pad> 0, </s> 1, <unk> 2) and `</s>` appended."""
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
-
-
-def perturbed(model):
-    """Every parameter moved off its init, so each layer matters (norm scales start at one, zero-init outputs)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """(diffusers' WanPipeline, {scheduler name: its saved folder})."""
-    tok = tokenizer()
-    torch.manual_seed(0)
-    vae = perturbed(AutoencoderKLWan(**VAE))
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                               num_heads=4, relative_attention_num_buckets=8)).eval()
-    torch.manual_seed(0)
-    transformer = perturbed(WanTransformer3DModel(**TRANSFORMER))
-    ref = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
-                      scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
-    ref.set_progress_bar_config(disable=True)
+    ref = wan_pipeline()
     folders = {}
     for name, scheduler in (("euler", FlowMatchEulerDiscreteScheduler(shift=7.0)),
                             ("unipc", UniPCMultistepScheduler(**UNIPC))):

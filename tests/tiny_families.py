@@ -1,5 +1,5 @@
-"""Tiny random diffusers pipelines for the transformer families (DiT, SD3/SD3.5, FLUX.1) and SDXL (base and
-refiner), built offline and saved with diffusers' own `save_pretrained`, so reverie and the diffusers oracle read
+"""Tiny random diffusers pipelines for the transformer families (DiT, SD3/SD3.5, FLUX.1, Wan 2.1) and SDXL (base
+and refiner), built offline and saved with diffusers' own `save_pretrained`, so reverie and the diffusers oracle read
 the same folder.
 
 Each builder copies the component order and `torch.manual_seed(0)` calls of diffusers' fast pipeline tests
@@ -251,6 +251,61 @@ def sdxl_inpaint_folder(tmp, *, in_channels: int = 9) -> Path:
         unet=unet, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(),
         text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(pad_token="!"), requires_aesthetics_score=True)
     return _save(pipe, tmp)
+
+
+# --- Wan 2.1 text-to-video (tests/test_wan_pipeline.py, tests/test_video_io.py) --------------------------------
+
+WAN_WORDS = "dance monkey negative a cat and dog baking cake in the kitchen red blue quick brown fox &".split()
+WAN_TRANSFORMER = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16,
+                       out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+                       qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+WAN_VAE = dict(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True])
+
+
+def wan_tokenizer():
+    """A word-level tokenizer with T5's special ids (<pad> 0, </s> 1, <unk> 2) and `</s>` appended."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WAN_WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def perturbed(model):
+    """Every parameter moved off its init, so each layer matters (norm scales start at one, zero-init outputs)."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def wan_pipeline():
+    """diffusers' tiny WanPipeline (tests/pipelines/wan/test_wan.py: seed 0 before the VAE, the UMT5 encoder and
+    the transformer), with a word-level tokenizer and the VAE's and transformer's weights moved off their init;
+    FlowMatchEuler at shift 7. Not saved: callers set the scheduler and save_pretrained it."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tok = wan_tokenizer()
+    torch.manual_seed(0)
+    vae = perturbed(AutoencoderKLWan(**WAN_VAE))
+    torch.manual_seed(0)
+    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                               num_heads=4, relative_attention_num_buckets=8)).eval()
+    torch.manual_seed(0)
+    transformer = perturbed(WanTransformer3DModel(**WAN_TRANSFORMER))
+    pipe = WanPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_folder(tmp) -> Path:
+    """wan_pipeline() saved to `tmp` (FlowMatchEuler, shift 7)."""
+    return _save(wan_pipeline(), tmp)
 
 
 # --- comparing images (the family parity tests) -----------------------------------------------------------------

@@ -32,7 +32,7 @@ def _generate(args) -> None:
         return _regenerate(args)
     if args.prompt is None:
         raise ValueError("prompt: give a prompt, or --from IMAGE to regenerate an image")
-    _check_png(args.out)
+    _check_out(args.out)
     files = {k: getattr(args, k) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "config",
                                            "variant") if getattr(args, k) is not None}
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
@@ -40,6 +40,13 @@ def _generate(args) -> None:
                                     prediction_type=args.prediction_type, offload=args.offload,
                                     safety_checker=_safety_option(args), **files)
     _configure_safety(pipe, args)
+    video = _is_video(pipe)
+    out, fps = _video_out(args) if video else (Path(args.out), None)
+    if not video:
+        _check_png(args.out)
+        for flag, value in (("--frames", args.frames), ("--fps", args.fps)):
+            if value is not None:
+                raise ValueError(f"{flag}: {pipe.family.name} makes images; only video models (Wan) take {flag}")
     if args.attention_slicing:
         pipe.enable_attention_slicing()
     if args.vae_tiling:
@@ -52,7 +59,8 @@ def _generate(args) -> None:
                   **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args), **handoff)
     if args.refiner:
         result = _refine(args, result, seeds)
-    out = Path(args.out)
+    if video:
+        return _save_videos(result, out, fps)
     out.parent.mkdir(parents=True, exist_ok=True)
     for i, image in enumerate(result.images):
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
@@ -84,6 +92,8 @@ def _refine(args, first, seeds):
 def _family_kwargs(args) -> dict:
     """The flow families' options given on the command line (the pipeline refuses those a model lacks)."""
     out = {}
+    if args.frames is not None:
+        out["num_frames"] = args.frames
     if args.shift is not None:
         out["shift"] = args.shift
     if args.true_cfg is not None:
@@ -97,6 +107,62 @@ def _family_kwargs(args) -> dict:
             raise ValueError(f"--skip-layers: comma-separated block indices, e.g. 7,8,9; got {args.skip_layers!r}") \
                 from None
     return out
+
+
+# --- video files (reverie.video_io) -------------------------------------------------------------------------
+
+DEFAULT_FPS = 16  # Wan 2.1's (its examples export at 16 fps)
+
+
+def _is_video(pipe) -> bool:
+    return "num_frames" in pipe.family.options
+
+
+def _check_out(out) -> None:
+    """Before the model loads: --out is a .png image or a video path (reverie.video_io.video_format)."""
+    from .video_io import video_format
+
+    if Path(out).suffix.lower() == ".png":
+        return
+    try:
+        video_format(out)
+    except ValueError:
+        raise ValueError(f"--out: images are written as PNG files with their parameters, videos as .mp4, .gif, "
+                         f".webp, a folder of PNG frames or a frame_%04d.png pattern; got {out!r}") from None
+
+
+def _video_out(args) -> tuple[Path, float]:
+    """(path, fps) for a video model, checked before it runs: --out as given (.mp4, .gif, .webp, a folder or a
+    %d .png pattern), except that a plain .png (the default out.png) becomes <stem>.mp4 where PyAV is installed,
+    else <stem>.gif; --fps or DEFAULT_FPS."""
+    from .video_io import PYAV_MISSING, check_fps, has_pyav, video_format
+
+    out, fps = Path(args.out), DEFAULT_FPS if args.fps is None else args.fps
+    if out.suffix.lower() == ".png" and "%" not in out.name:
+        out = out.with_suffix(".mp4" if has_pyav() else ".gif")
+        print(f"note: a video model: writing {out}" + ("" if has_pyav() else f" ({PYAV_MISSING})"), file=sys.stderr)
+    try:
+        kind = video_format(out)
+    except ValueError as e:
+        raise ValueError(f"--out: {e}") from None
+    try:
+        check_fps(fps, kind)
+    except ValueError as e:
+        raise ValueError(f"--{e}") from None  # "--fps must be ..." / "--fps: a GIF ..."
+    if kind == "mp4" and not has_pyav():
+        raise ValueError(f"--out: {PYAV_MISSING}")
+    return out, fps
+
+
+def _save_videos(result, out: Path, fps: float) -> None:
+    """Each video at out (one) or out-0, out-1, ... with its parameters (reverie.video_io.save_video)."""
+    from .metadata import image_params
+    from .video_io import save_video
+
+    for i, frames in enumerate(result.frames):
+        path = out if len(result.frames) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
+        save_video(frames, path, fps=fps, params=image_params(result.params, i, record_batch=True))
+        print(f"wrote {path} ({len(frames)} frames at {fps:g} fps, seed {result.params['seeds'][i]})")
 
 
 # --- image files with their parameters, safety options, regeneration (reverie.metadata, reverie.safety) -------
@@ -499,7 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--num-images", type=int, default=1)
     gen.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip (A1111's 'Clip skip 2' = 1)")
-    gen.add_argument("--out", default="out.png")
+    gen.add_argument("--out", default="out.png", help="a .png image; video models: clip.mp4, clip.gif, clip.webp, "
+                     "a folder of PNG frames or clip/frame_%%04d.png (default: out.mp4 with PyAV, else out.gif)")
+    gen.add_argument("--frames", type=int, default=None, help="video models: frames, 1 + 4k (default: Wan's 81)")
+    gen.add_argument("--fps", type=float, default=None, help=f"video models: frames per second of the file "
+                     f"(default: {DEFAULT_FPS}, Wan 2.1's)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     gen.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     gen.add_argument("--tokenizer", default=None, help="tokenizer folder (single-file checkpoints have none)")
