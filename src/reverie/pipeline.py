@@ -387,9 +387,10 @@ class Pipeline:
     def _size(self, width, height, source) -> tuple[int, int]:
         if source is not None:  # img2img / inpainting: the processing size (the image's by default)
             width, height = source.width, source.height
-        default_width, default_height = self.family.default_dims(self)
-        width = default_width if width is None else width
-        height = default_height if height is None else height
+        if width is None or height is None:
+            default_width, default_height = self.family.default_dims(self)
+            width = default_width if width is None else width
+            height = default_height if height is None else height
         factor = self.size_multiple
         for name, value in (("width", width), ("height", height)):
             _check_int(name, value, factor)
