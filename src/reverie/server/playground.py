@@ -366,9 +366,13 @@ def sigmas(http: HTTPRequest, sampler: list[str] | None = Query(None, descriptio
             results = [flow_sampler_sigmas(pipe, name, steps, scheduler, shift) for name in names]
         else:
             schedule = pipe.schedule if pipe is not None else model_schedule()
-            if sampler is None and steps > schedule.original_inference_steps:
-                names = [n for n in names if n != "LCM"]  # LCM picks at most original_inference_steps steps
-            results = [sampler_sigmas(name, steps, schedule, scheduler) for name in names]
+            results = []
+            for name in names:
+                try:
+                    results.append(sampler_sigmas(name, steps, schedule, scheduler))
+                except ValueError:
+                    if sampler is not None:  # a sampler asked for by name says why; the page's own list
+                        raise  # drops those that cannot take this many steps (LCM: original_inference_steps)
     except ValueError as e:
         raise HTTPException(422, str(e)) from None
     out = {"steps": steps, "kind": kind, "model": found[0] if found else None, "samplers": results}

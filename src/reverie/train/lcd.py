@@ -170,10 +170,7 @@ class LCMDistillTask(UNetTask):
     def __init__(self, config: Config, dataset, dist, out_dir: Path, resume: bool):
         self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
         m, device = config.model, dist.device
-        if not m.base_model:
-            raise ValueError("model.base_model: an lcm run needs the model it distils (a diffusers folder or a "
-                             "bundled model's name)")
-        teacher, teacher_scheduler = self.frozen_base(m.base_model)
+        teacher, teacher_scheduler = self.frozen_base("an lcm run needs the model it distils")
         if teacher.config.time_cond_proj_dim is not None:
             raise ValueError(f"model.base_model: {m.base_model!r} is already an LCM (its UNet has time_cond_proj_dim="
                              f"{teacher.config.time_cond_proj_dim}); distil a model that takes no guidance input")

@@ -357,14 +357,16 @@ class UNetTask:
                              f"channels, model.text_hidden_size): unknown {unknown[:3]}, other shapes {misfit[:3]}")
         self.network.load_state_dict({k: v.float() for k, v in weights.items()}, strict=False)
 
-    def frozen_base(self, base_model: str) -> tuple[UNet, dict]:
-        """Set up a task on a frozen trained model (model.base_model: a diffusers folder or a bundled name): its
-        VAE and text encoder (frozen, on the device), the data set's latent shape and latent cache, no trained
-        encoder. Returns its frozen UNet and scheduler config."""
+    def frozen_base(self, need: str) -> tuple[UNet, dict]:
+        """Set up a task on a frozen trained model (model.base_model: a diffusers folder or a bundled name; `need`
+        says in the error what the run needs it for, "a controlnet run needs ..."): its VAE and text encoder (frozen, on the device), the data
+        set's latent shape and latent cache, no trained encoder. Returns its frozen UNet and scheduler config."""
         from ..loading import load_folder, model_path
 
         config, device = self.config, self.dist.device
-        unet, vae, text_encoder, scheduler_config = load_folder(model_path(base_model))
+        if not config.model.base_model:
+            raise ValueError(f"model.base_model: {need} (a diffusers folder or a bundled model's name)")
+        unet, vae, text_encoder, scheduler_config = load_folder(model_path(config.model.base_model))
         self.vae = vae.to(device).eval().requires_grad_(False)
         self.text_encoder = text_encoder.to(device).eval().requires_grad_(False)
         unet.to(device).eval().requires_grad_(False)
@@ -629,14 +631,11 @@ class ControlNetTask(UNetTask):
 
         self.config, self.dataset, self.dist, self.out_dir = config, dataset, dist, out_dir
         m, device = config.model, dist.device
-        if not m.base_model:
-            raise ValueError("model.base_model: a controlnet run needs the frozen model it controls (a diffusers "
-                             "folder or a bundled model's name)")
         self.control_type = check_control_type(m.control_type, "model.control_type")
         if self.control_type == "none":
             raise ValueError(f"model.control_type must be one of "
                              f"{', '.join(repr(k) for k in CONTROL_TYPES if k != 'none')}; got 'none'")
-        unet, self.scheduler_config = self.frozen_base(m.base_model)
+        unet, self.scheduler_config = self.frozen_base("a controlnet run needs the frozen model it controls")
         self.schedule = DiscreteSchedule.from_config(self.scheduler_config)
         torch.manual_seed(config.train.seed)  # the control encoder's random init
         # its control encoder downsamples as the VAE
