@@ -50,11 +50,13 @@ def _check_item(item, resolution=64):
 
 def test_make_dataset_builds_each_and_rejects_unknown_names_and_options(tmp_path):
     Image.new("RGB", (10, 10), "red").save(tmp_path / "a.png")
-    options = {"shapes": {"size": 3}, "emoji": {"names": ["red apple"]}, "digits": {}, "folder": {"root": tmp_path}}
+    options = {"shapes": {"size": 3}, "moving_shapes": {"size": 3, "frames": 4}, "emoji": {"names": ["red apple"]},
+               "digits": {}, "folder": {"root": tmp_path}}
     for name, cls in DATASETS.items():
         dataset = make_dataset(name, seed=0, resolution=32, **options[name])
         assert isinstance(dataset, cls)
-        _check_item(dataset[0], resolution=32)
+        if name != "moving_shapes":  # its items are videos: tests/test_moving_shapes.py
+            _check_item(dataset[0], resolution=32)
     with pytest.raises(ValueError, match="shapes.*emoji.*digits.*folder"):
         make_dataset("cifar")
     with pytest.raises(ValueError, match="colour"):

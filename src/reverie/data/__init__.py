@@ -1,10 +1,12 @@
 """Training data sets. Every one is a torch Dataset of {"image": FloatTensor (3, H, W) in [-1, 1],
-"caption": str}, 64x64 unless `resolution` says otherwise, deterministic for a given `seed`.
+"caption": str}, 64x64 unless `resolution` says otherwise, deterministic for a given `seed`; moving_shapes
+items are {"video": FloatTensor (3, frames, H, W), "caption": str}.
 
-    shapes  procedural coloured shapes with spatial relations, and a held-out split (reverie.data.shapes)
-    emoji   every Noto Color Emoji glyph with its CLDR name (needs scripts/install_system_deps.sh)
-    digits  scikit-learn's 8x8 handwritten digits, "the digit 7" (needs scikit-learn)
-    folder  a user's image folder with metadata.jsonl or .txt captions
+    shapes         procedural coloured shapes with spatial relations, and a held-out split (reverie.data.shapes)
+    moving_shapes  clips of moving, growing, turning shapes, and a held-out split (reverie.data.moving_shapes)
+    emoji          every Noto Color Emoji glyph with its CLDR name (needs scripts/install_system_deps.sh)
+    digits         scikit-learn's 8x8 handwritten digits, "the digit 7" (needs scikit-learn)
+    folder         a user's image folder with metadata.jsonl or .txt captions
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from torch.utils.data import Dataset
 from .digits import DigitsDataset
 from .emoji import EmojiDataset
 from .folder import FolderDataset, to_tensor
+from .moving_shapes import MovingShapesDataset, parse_video_caption
 from .shapes import (
     ShapeObject,
     ShapesDataset,
@@ -25,7 +28,8 @@ from .shapes import (
     parse_caption,
 )
 
-DATASETS = {"shapes": ShapesDataset, "emoji": EmojiDataset, "digits": DigitsDataset, "folder": FolderDataset}
+DATASETS = {"shapes": ShapesDataset, "moving_shapes": MovingShapesDataset, "emoji": EmojiDataset,
+            "digits": DigitsDataset, "folder": FolderDataset}
 
 
 def make_dataset(name: str, **options) -> Dataset:
@@ -43,5 +47,6 @@ def make_dataset(name: str, **options) -> Dataset:
     return DATASETS[name](**options)
 
 
-__all__ = ["DATASETS", "DigitsDataset", "EmojiDataset", "FolderDataset", "ShapeObject", "ShapesDataset",
-           "ShapesLabel", "heldout_combinations", "heldout_kind", "make_dataset", "parse_caption", "to_tensor"]
+__all__ = ["DATASETS", "DigitsDataset", "EmojiDataset", "FolderDataset", "MovingShapesDataset", "ShapeObject",
+           "ShapesDataset", "ShapesLabel", "heldout_combinations", "heldout_kind", "make_dataset", "parse_caption",
+           "parse_video_caption", "to_tensor"]
