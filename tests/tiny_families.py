@@ -336,3 +336,37 @@ def source_image(size, seed=3):
     w, h = size
     ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
     return Image.fromarray((0.6 * ramp + 0.4 * rng.uniform(0, 255, (h, w, 3))).astype("uint8"))
+
+
+# --- Wan 2.1 image-to-video (tests/test_wan_i2v.py) ---------------------------------------------------------------
+
+WAN_I2V_CLIP = dict(hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                    intermediate_size=16, patch_size=4)  # diffusers' I2V test's CLIP, 4 x 4 patches: 65 tokens
+
+
+def wan_i2v_pipeline():
+    """A tiny WanImageToVideoPipeline in the layout of diffusers' tests/pipelines/wan/test_wan_image_to_video.py:
+    wan_pipeline()'s VAE, UMT5 encoder and tokenizer; a transformer taking 36 = 16 + 4 + 16 channels with CLIP
+    image tokens (image_dim 4) through added key / value projections (added_kv_proj_dim = the model width 24, as
+    the real 2.1 I2V checkpoints); a 2-layer CLIPVisionModel on 32 x 32 crops. Weights moved off their init;
+    FlowMatchEuler at shift 7. Not saved: callers set the scheduler and save_pretrained it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    t2v = wan_pipeline()
+    torch.manual_seed(0)
+    transformer = perturbed(WanTransformer3DModel(**WAN_TRANSFORMER | dict(in_channels=36, image_dim=4,
+                                                                           added_kv_proj_dim=24)))
+    torch.manual_seed(0)
+    image_encoder = perturbed(CLIPVisionModel(CLIPVisionConfig(**WAN_I2V_CLIP)))
+    pipe = WanImageToVideoPipeline(tokenizer=t2v.tokenizer, text_encoder=t2v.text_encoder, vae=t2v.vae,
+                                   transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+                                   image_encoder=image_encoder, image_processor=CLIPImageProcessor(crop_size=32,
+                                                                                                   size=32))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def wan_i2v_folder(tmp) -> Path:
+    """wan_i2v_pipeline() saved to `tmp` (FlowMatchEuler, shift 7)."""
+    return _save(wan_i2v_pipeline(), tmp)

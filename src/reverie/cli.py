@@ -323,14 +323,21 @@ def _eval(args) -> None:
     from .pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device)
-    if (args.data or ("emoji" if args.model == "emoji" else "shapes")) == "emoji":
+    data = args.data or ("emoji" if args.model == "emoji" else None)
+    if data == "emoji":
         _eval_emoji(args, pipe)
+        return
+    if data == "moving_shapes":
+        _eval_video(args, pipe)
         return
     if args.controlnet:
         _eval_control(args, pipe)
         return
     if args.prompt is not None:
         _eval_prompt(args, pipe)
+        return
+    if data is None and _is_video(pipe):  # a video model: adherence on moving-shapes captions
+        _eval_video(args, pipe)
         return
     captions = shapes_captions(args.split, args.n, args.caption_seed)
     if args.sweep:
@@ -373,6 +380,28 @@ def _eval_prompt(args, pipe) -> None:
     if args.plot:
         image_grid(images, 10).save(args.plot)
         print(f"wrote {args.plot}: seeds {args.seed}-{args.seed + 9}, left to right")
+
+
+def _eval_video(args, pipe) -> None:
+    """Prompt adherence of a text-to-video model on moving-shapes captions, read by reverie.eval.video."""
+    from .eval.video import GRID_CAPTIONS, evaluate_video, frame_grid, generate_clips, video_captions
+
+    if not _is_video(pipe):
+        raise ValueError(f"--data moving_shapes: scores video models; {pipe.family.name} makes images")
+    for flag, value in (("--sweep", args.sweep), ("--prompt", args.prompt), ("--paraphrase", args.paraphrase),
+                        ("--controlnet", args.controlnet)):
+        if value:
+            raise ValueError(f"{flag}: not available with --data moving_shapes")
+    settings = dict(steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed,
+                    frames=16 if args.frames is None else args.frames)
+    scores = evaluate_video(pipe, video_captions(args.split, args.n, args.caption_seed), **settings)
+    print(f"moving-shapes adherence, {args.split} captions, {settings['frames']} frames, {args.sampler}, "
+          f"{args.steps} steps, guidance {args.guidance}:")
+    for key, value in scores.items():
+        print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+    if args.plot:
+        frame_grid(generate_clips(pipe, list(GRID_CAPTIONS), **settings), args.plot)
+        print(f"wrote {args.plot}: one row per caption ({'; '.join(GRID_CAPTIONS)}), 8 frames each")
 
 
 def _eval_emoji(args, pipe) -> None:
@@ -454,7 +483,8 @@ def _control_kwargs(args) -> dict:
 
 
 def _add_edit_arguments(parser) -> None:
-    parser.add_argument("--image", default=None, metavar="IMAGE", help="img2img / inpainting: the image to edit")
+    parser.add_argument("--image", default=None, metavar="IMAGE",
+                        help="img2img / inpainting: the image to edit; Wan image-to-video: the first frame")
     parser.add_argument("--strength", type=float, default=None,
                         help="fraction of the steps run from the noised image: 0 keeps it, 1 ignores it "
                              "(default: 0.75, 1 with --mask or --outpaint)")
@@ -514,6 +544,12 @@ def _samplers(args) -> None:
 
     for name, fn in SAMPLERS.items():
         print(f"{name:16s} {(fn.__doc__ or '').splitlines()[0]}")
+
+
+def _prompt(args) -> None:
+    from .prompt_syntax import describe, parse
+
+    print(describe(parse(args.prompt, args.steps)))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -585,12 +621,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
 
-    ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer, or an emoji "
-                                     "model's FID and nearest training images")
+    ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer, a video "
+                                     "model's on moving shapes, or an emoji model's FID and nearest training images")
     ev.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji) or a model folder")
-    ev.add_argument("--data", choices=["shapes", "emoji"], default=None,
-                    help="shapes: prompt adherence read by the shapes analyzer; emoji: FID, nearest training "
-                         "images and (with --plot) a sample grid (default: emoji for --model emoji, else shapes)")
+    ev.add_argument("--data", choices=["shapes", "moving_shapes", "emoji"], default=None,
+                    help="shapes: prompt adherence read by the shapes analyzer; moving_shapes: a video model's, read "
+                         "by the clip analyzer; emoji: FID, nearest training images and (with --plot) a sample grid "
+                         "(default: emoji for --model emoji, moving_shapes for a video model, else shapes)")
+    ev.add_argument("--frames", type=int, default=None, help="moving_shapes: frames per clip (default: 16; Wan "
+                                                             "models take 1 + 4k, e.g. 17)")
     ev.add_argument("--split", default="heldout", choices=["train", "heldout"])
     ev.add_argument("--n", type=int, default=200, help="number of captions (default: 200)")
     ev.add_argument("--steps", type=int, default=20)
@@ -615,6 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     samplers = sub.add_parser("samplers", help="list the samplers")
     samplers.set_defaults(run=_samplers)
+    prompt = sub.add_parser("prompt", help="show how A1111's prompt syntax reads PROMPT: the schedule over the steps, "
+                                           "the weighted pieces, the AND parts and the LoRA tags")
+    prompt.add_argument("prompt")
+    prompt.add_argument("--steps", type=int, default=20, help="sampling steps (default: 20)")
+    prompt.set_defaults(run=_prompt)
     _add_output_parsers(sub)
     _add_serve_parser(sub)
     return parser

@@ -465,9 +465,11 @@ class Pipeline:
         skip_layer_guidance_scale / _start / _stop; FLUX max_sequence_length, prompt_2, true_cfg_scale; SDXL
         prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size (and negative_*),
         aesthetic_score, negative_aesthetic_score (refiners); Wan num_frames, max_sequence_length (text-to-video:
-        result.frames and result.videos hold the videos, result.images their first frames)."""
+        result.frames and result.videos hold the videos, result.images their first frames); Wan image-to-video the
+        same, with `image` its first frame (one PIL image or path, resized to width x height), not an edit."""
         family = self.family
         options = family.check_options(options)
+        image, options = family.conditioning_image(image, options)  # Wan I2V: the first frame is conditioning
         if clip_skip is not None:
             options["clip_skip"] = family.check_clip_skip(clip_skip)
         defaults = family.settings(self)

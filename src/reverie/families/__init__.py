@@ -10,7 +10,8 @@ sampler, decoding, safety and metadata — for every family, and a family that c
 
     family_of_folder(path)            the family of a diffusers folder (model_index.json's pipeline class)
     family_of_checkpoint(state_dict)  the family of a single file (its key names)
-    get(name)                         a family by name: "sd", "sdxl", "dit", "sd3", "flux", "mmdit", "wan"
+    get(name)                         a family by name: "sd", "sdxl", "dit", "sd3", "flux", "mmdit", "wan", "wan_i2v",
+                                      "spacetime"
 """
 
 from __future__ import annotations
@@ -118,6 +119,11 @@ class Family:
     def check_clip_skip(self, clip_skip):
         return clip_skip
 
+    def conditioning_image(self, image, options: dict) -> tuple:
+        """(image, options) for a call's image=: families conditioned on an image (Wan I2V's first frame) move it
+        into the options that encode sees and return image None; the others leave it to img2img / inpainting."""
+        return image, options
+
     def check_options(self, options: dict) -> dict:
         unknown = sorted(set(options) - set(self.options))  # (clip_skip is checked by check_clip_skip)
         if unknown:
@@ -181,9 +187,10 @@ def _register():
     from .sd import SD
     from .sd3 import SD3
     from .sdxl import SDXL
-    from .wan import Wan
+    from .spacetime import Spacetime
+    from .wan import Wan, WanI2V
 
-    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux(), ReverieMMDiT(), Wan())}
+    return {f.name: f for f in (SD(), SDXL(), DiT(), SD3(), Flux(), ReverieMMDiT(), Wan(), WanI2V(), Spacetime())}
 
 
 FAMILIES: dict[str, Family] = {}

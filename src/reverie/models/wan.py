@@ -108,6 +108,23 @@ class WanTransformerConfig:
         return {"_class_name": "WanTransformer3DModel", **d, "patch_size": list(self.patch_size)}
 
 
+# Small Wan transformers for reverie's own text-to-video model (reverie.train's video task, reverie.families.spacetime:
+# latent channels, text width and the RoPE length are fitted to the run's VAE, text encoder and clips). Spacetime
+# patches of (1, 2, 2) latent frames x rows x columns (Brooks et al. 2024, "Video generation models as world
+# simulators"): a 16-frame 64x64 clip in the shapes VAE (3x16x16 per frame) is 16 x 8 x 8 = 1024 tokens. "small" is
+# 192 wide (4 heads of 48), 4 blocks: about 2.8M parameters.
+WAN_PRESETS = {
+    "tiny": WanTransformerConfig(num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
+                                 text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, rope_max_seq_len=16),
+    "small": WanTransformerConfig(num_attention_heads=4, attention_head_dim=48, in_channels=4, out_channels=4,
+                                  text_dim=192, freq_dim=256, ffn_dim=768, num_layers=4, rope_max_seq_len=16),
+    # sized for a 2-core CPU: 4 x 4 latent patches (16 tokens a 64 x 64 frame, 256 a 16-frame clip), 128 wide
+    "cpu": WanTransformerConfig(patch_size=(1, 4, 4), num_attention_heads=4, attention_head_dim=32, in_channels=4,
+                                out_channels=4, text_dim=128, freq_dim=128, ffn_dim=512, num_layers=4,
+                                rope_max_seq_len=16),
+}
+
+
 # ---------------------------------------------------------------- embeddings
 
 class FP32LayerNorm(nn.LayerNorm):

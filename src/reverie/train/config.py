@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("vae", "unet", "mmdit", "controlnet", "lcm")
+KINDS = ("vae", "unet", "mmdit", "controlnet", "lcm", "video")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -35,7 +35,7 @@ MINIMUMS = {"model.text_hidden_size": 1, "model.text_layers": 0, "model.text_hea
             "log.sample_count": 1, "log.sample_steps": 1,
             "model.lcm_w_embedding_dim": 1}
 RANGES = {"model.flow_shift": (0, math.inf), "optim.text_lr": (0, math.inf), "optim.weight_decay": (0, math.inf),
-          "optim.min_lr_ratio": (0, 1),
+          "optim.min_lr_ratio": (0, 1), "model.p_image": (0, 1),
           "optim.grad_clip": (0, math.inf), "train.ema_decay": (0, 1), "train.cond_dropout": (0, 1),
           "train.offset_noise": (0, math.inf), "train.kl_weight": (0, math.inf), "log.sample_guidance": (0, math.inf),
           "train.lcm_w_min": (0, math.inf), "train.lcm_w_max": (0, math.inf), "train.lcm_target_decay": (0, 1)}
@@ -45,12 +45,15 @@ RANGES = {"model.flow_shift": (0, math.inf), "optim.text_lr": (0, math.inf), "op
 class ModelConfig:
     kind: str = "unet"  # what is trained: "vae" (the autoencoder), "unet" (latent denoiser, + text encoder),
     #                     "mmdit" (a rectified-flow MMDiT, + text encoder), "controlnet" (a ControlNet for the
-    #                     frozen model.base_model) or "lcm" (a Latent Consistency Model distilled from model.base_model)
+    #                     frozen model.base_model), "lcm" (a Latent Consistency Model distilled from model.base_model)
+    #                     or "video" (a rectified-flow Wan transformer on clips, + text encoder)
     vae_preset: str = "small-f8"  # vae runs: architecture, a name in reverie.models.vae.VAE_PRESETS
     vae_path: str = ""  # unet runs: the frozen VAE (a vae run's output dir, a vae/ folder or a pipeline); vae runs: start from it
     unet_preset: str = "small"  # unet runs: UNET_PRESETS name; channels and text width adapt to the VAE and encoder
     mmdit_preset: str = "small"  # mmdit runs: reverie.models.mmdit.MMDIT_PRESETS name (latents and text width adapt)
-    flow_shift: float = 1.0  # mmdit runs: the flow schedule's shift (SD3 eq. 23; 1: none)
+    flow_shift: float = 1.0  # mmdit and video runs: the flow schedule's shift (SD3 eq. 23; 1: none)
+    video_preset: str = "small"  # video runs: reverie.models.wan.WAN_PRESETS name (latents, text width adapt)
+    p_image: float = 0.5  # video runs: fraction of clips trained image-to-video (first latent frame given clean)
     prediction: str = "epsilon"  # the network's target: epsilon | v_prediction | sample
     beta_schedule: str = "scaled_linear"  # linear | scaled_linear | squaredcos_cap_v2 (SD's betas: scaled_linear)
     zero_terminal_snr: bool = False  # rescale betas to zero terminal SNR (Lin et al. 2023; use with v_prediction)

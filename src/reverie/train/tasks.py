@@ -37,7 +37,7 @@ from ..models.vae import VAE_PRESETS, AutoencoderKL
 from ..schedules import DiscreteSchedule
 from .checkpoint import latest_checkpoint
 from .config import Config
-from .optim import StepDraws
+from .optim import StepDraws, mix_seed
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 ENCODE_CHUNK = 16  # images per VAE forward when caching latents (fixed, so the cache is the same every time)
@@ -265,7 +265,7 @@ class UNetTask:
             raise ValueError("model.train_text_encoder must be true when the text encoder starts from scratch "
                              "(model.text_encoder_path is empty)")
         self.vae = load_frozen_vae(m.vae_path).to(device).eval().requires_grad_(False)
-        self.latent_shape = latent_shape(self.vae, dataset)
+        self.latent_shape = self.data_latent_shape()
         self.scheduler_config, self.schedule = self.make_schedule(m)
 
         # the data pass: captions (for a new tokenizer) and the latent cache, done by rank 0, read by all
@@ -382,7 +382,20 @@ class UNetTask:
             self.moments = (mean, std)
         return unet, scheduler_config
 
-    # --- the data pass and the latent cache ----------------------------------------------------------------
+    # --- the data pass and the latent cache (VideoTask encodes clips frame by frame) -------------------------
+
+    def data_latent_shape(self) -> tuple[int, ...]:
+        """The shape of one item's latents: (C, h, w)."""
+        return latent_shape(self.vae, self.dataset)
+
+    def check_data_item(self, item, index: int) -> None:
+        check_item(item, index)
+
+    def posterior(self, items: list[dict]) -> tuple[Tensor, Tensor]:
+        """The VAE posterior's (mean, std) of data-set items' images, float32 on the CPU: (B, C, h, w) each."""
+        with torch.no_grad():
+            posterior = self.vae.encode(torch.stack([it["image"].float() for it in items]).to(self.dist.device))
+        return posterior.mean.float().cpu(), posterior.std.float().cpu()
 
     def _scan(self, images: bool):
         """One pass over the data set: posterior (mean, std) of every image if `images`, and every caption."""
@@ -394,13 +407,12 @@ class UNetTask:
         for start in range(0, n, ENCODE_CHUNK):
             items = [self.dataset[i] for i in range(start, min(n, start + ENCODE_CHUNK))]
             for k, item in enumerate(items):
-                check_item(item, start + k)
+                self.check_data_item(item, start + k)
             captions += [item["caption"] for item in items]
             if images:
-                with torch.no_grad():
-                    posterior = self.vae.encode(torch.stack([it["image"].float() for it in items]).to(self.dist.device))
-                means.append(posterior.mean.float().cpu())
-                stds.append(posterior.std.float().cpu())
+                mean, std = self.posterior(items)
+                means.append(mean)
+                stds.append(std)
             bar.update(len(items))
         bar.close()
         return (torch.cat(means), torch.cat(stds), captions) if images else (None, None, captions)
@@ -442,7 +454,7 @@ class UNetTask:
         t_cfg, shape = self.config.train, self.latent_shape
         draws = StepDraws(t_cfg.seed, step, t_cfg.batch_size, [slot for slot, _ in items])
         t = self.draw_time(draws)  # (b,), then in this order:
-        noise = draws.randn(*shape) + t_cfg.offset_noise * draws.randn(shape[0], 1, 1)
+        noise = draws.randn(*shape) + t_cfg.offset_noise * draws.randn(shape[0], *[1] * (len(shape) - 1))
         eps, drops = draws.randn(*shape), draws.rand()
         indices = [i for _, i in items]
         if self.moments is not None:
@@ -451,9 +463,7 @@ class UNetTask:
         else:
             batch = [self.dataset[i] for i in indices]
             captions = [item["caption"] for item in batch]
-            with torch.no_grad():
-                posterior = self.vae.encode(torch.stack([it["image"].float() for it in batch]).to(self.dist.device))
-            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+            mean, std = self.posterior(batch)
         z = mean + std * eps
         latents = (z - self.vae.shift_factor) * self.vae.scaling_factor  # (b, C, h, w)
         captions = ["" if float(u) < t_cfg.cond_dropout else c for u, c in zip(drops, captions)]
@@ -584,6 +594,134 @@ class MMDiTTask(UNetTask):
                                         device=self.dist.device, scheduler_config=self.scheduler_config)
 
 
+# ------------------------------------------------------------------------------------------------ video
+
+FIRST_FRAME_STREAM = 0xF1F  # seeds the image-to-video draws, a stream apart from UNetTask's (t, noise, eps, dropout)
+
+
+def check_clip(item, index: int = 0) -> tuple[int, int, int]:
+    """(frames, H, W) of a video data-set item, or a ValueError saying what the data interface must return."""
+    video = item.get("video") if isinstance(item, dict) else None
+    if not (isinstance(video, Tensor) and video.is_floating_point() and video.ndim == 4 and video.shape[0] == 3):
+        raise ValueError(f"data set item {index}: a video run expects a dict with 'video' a float tensor "
+                         f"(3, frames, H, W) in [-1, 1] and 'caption' a str; got {type(item).__name__} with video "
+                         f"{getattr(video, 'shape', type(video).__name__)}")
+    if not isinstance(item.get("caption"), str):
+        raise ValueError(f"data set item {index}: 'caption' must be a str; got {type(item.get('caption')).__name__}")
+    return tuple(video.shape[1:])
+
+
+class VideoFlowObjective(nn.Module):
+    """Per-item rectified-flow loss on clips: FlowDenoiser.loss's ||v - (eps - x0)||^2 at x_t = (1 - t) x0 + t eps,
+    the network seeing t * 1000, averaged over the latent frames that are not given. For an item with `first` set
+    (image-to-video) the first latent frame is given clean (flow time 0, as the encoded image is at sampling:
+    reverie.families.spacetime.FirstFrame) and left out of the loss. The text is the encoder's final states;
+    holds the text encoder when it is trained."""
+
+    def __init__(self, transformer: nn.Module, text_encoder=None):
+        super().__init__()
+        self.transformer, self.text_encoder = transformer, text_encoder
+
+    def forward(self, latents: Tensor, t: Tensor, noise: Tensor, first: Tensor, ids: Tensor | None = None,
+                context: Tensor | None = None) -> Tensor:  # latents, noise (B, C, F, h, w); t, first (B,)
+        if self.text_encoder is not None:
+            context = self.text_encoder.encode_ids_pooled(ids)[0]  # (B, L, D)
+        given = torch.zeros(latents.shape[0], latents.shape[2], dtype=torch.bool, device=latents.device)  # (B, F)
+        given[:, 0] = first
+        s = t.reshape(-1, 1, 1, 1, 1)
+        x_t = torch.where(given[:, None, :, None, None], latents, (1 - s) * latents + s * noise)
+        v = self.transformer(x_t, t * 1000, encoder_hidden_states=context)
+        error = ((v.float() - (noise - latents).float()) ** 2).mean((1, 3, 4))  # (B, F)
+        weight = (~given).float()
+        return (error * weight).sum(1) / weight.sum(1)
+
+
+class VideoTask(MMDiTTask):
+    """Train reverie's own text-to-video model (reverie.families.spacetime): a Wan transformer of
+    model.video_preset over (1, 2, 2) spacetime patches on rectified flow, in the latent space of a frozen image
+    VAE applied frame by frame, with the MMDiT task's CLIP text encoder (its final states through the
+    cross-attention), tokenizer, latent cache, caption dropout and logit-normal times. A fraction model.p_image of
+    the clips is trained image-to-video (VideoFlowObjective). Data items are {"video": (3, F, H, W), "caption"}.
+    Exports a ReverieVideoPipeline folder."""
+
+    kind = "video"
+
+    def data_latent_shape(self) -> tuple[int, int, int, int]:
+        """(C, F, h, w): every frame encoded alone, so latent frames = frames."""
+        frames, H, W = check_clip(self.dataset[0])
+        f = self.vae.downsample_factor
+        if H % f or W % f:
+            raise ValueError(f"data: frames are {H}x{W}, not multiples of the VAE's downsample factor {f}")
+        if frames < 2 and self.config.model.p_image > 0:
+            raise ValueError("model.p_image must be 0 for one-frame clips (image-to-video needs frames after the "
+                             "first)")
+        return self.vae.config.latent_channels, frames, H // f, W // f
+
+    def check_data_item(self, item, index: int) -> None:
+        check_clip(item, index)
+
+    def posterior(self, items: list[dict]) -> tuple[Tensor, Tensor]:
+        """(mean, std) of every frame's posterior, (B, C, F, h, w) each."""
+        clips = torch.stack([it["video"].float() for it in items])  # (B, 3, F, H, W)
+        B, _, F, H, W = clips.shape
+        frames = clips.transpose(1, 2).reshape(B * F, 3, H, W)
+        with torch.no_grad():
+            posterior = self.vae.encode(frames.to(self.dist.device))
+        return tuple(m.float().cpu().unflatten(0, (B, F)).transpose(1, 2) for m in (posterior.mean, posterior.std))
+
+    def make_network(self, m) -> nn.Module:
+        from ..models.wan import WAN_PRESETS, WanTransformer
+
+        if m.video_preset not in WAN_PRESETS:
+            raise ValueError(f"model.video_preset must be one of {', '.join(WAN_PRESETS)}; got {m.video_preset!r}")
+        if not self.text_encoder.is_clip:
+            raise ValueError("model.text_encoder_path: a video run needs a CLIP text encoder (the spacetime family "
+                             "encodes prompts with CLIP)")
+        preset = WAN_PRESETS[m.video_preset]
+        C, frames, h, w = self.latent_shape
+        _, ph, pw = preset.patch_size
+        if h % ph or w % pw:
+            raise ValueError(f"data: latent frames are {h}x{w}, not multiples of the patch {ph}x{pw} "
+                             f"(model.video_preset={m.video_preset!r})")
+        # the RoPE length is the clip's longest axis in tokens: the family refuses longer videos
+        config = dataclasses.replace(preset, in_channels=C, out_channels=C, text_dim=self.text_encoder.hidden_size,
+                                     rope_max_seq_len=max(frames, h // ph, w // pw))
+        return WanTransformer(config)
+
+    def make_objective(self) -> nn.Module:
+        return VideoFlowObjective(self.network, self.text_encoder if self.train_text_encoder else None)
+
+    def frozen_text(self, ids: Tensor) -> dict[str, Tensor]:
+        return {"context": self.text_encoder.encode_ids_pooled(ids)[0]}
+
+    def inputs(self, step: int, items: list[tuple[int, int]]) -> dict[str, Tensor]:
+        """MMDiTTask's inputs on clips, plus `first` (B,): whether an item is trained image-to-video."""
+        t_cfg = self.config.train
+        out = super().inputs(step, items)
+        u = StepDraws(mix_seed(t_cfg.seed, FIRST_FRAME_STREAM), step, t_cfg.batch_size, [s for s, _ in items]).rand()
+        out["first"] = (u < self.config.model.p_image).to(self.dist.device)
+        return out
+
+    def pipeline(self, ema_objective: VideoFlowObjective):
+        from ..pipeline import Pipeline
+
+        text_encoder = ema_objective.text_encoder if self.train_text_encoder else self.text_encoder
+        components = dict(transformer=ema_objective.transformer, vae=self.vae, text_encoder=text_encoder)
+        return Pipeline.from_components("spacetime", components, self.schedule, name=self.out_dir.name,
+                                        device=self.dist.device, scheduler_config=self.scheduler_config)
+
+    def sample(self, ema_objective: VideoFlowObjective, path: Path) -> None:
+        """One clip per prompt from the EMA weights, seeds 0..: a row of frames per prompt."""
+        lg = self.config.log
+        prompts = self.sample_prompts()
+        _, frames, h, w = self.latent_shape
+        f = self.vae.downsample_factor
+        result = self.pipeline(ema_objective)(prompts, steps=lg.sample_steps, guidance_scale=lg.sample_guidance,
+                                              sampler=lg.sample_sampler, width=w * f, height=h * f,
+                                              seed=list(range(len(prompts))), num_frames=frames, progress=False)
+        save_png_atomic(grid([frame for video in result.frames for frame in video], frames), path)
+
+
 # ------------------------------------------------------------------------------------------------ controlnet
 
 
@@ -691,4 +829,5 @@ class ControlNetTask(UNetTask):
 
 from .lcd import LCMDistillTask  # noqa: E402  (lcd.py builds on the classes above)
 
-TASKS = {"vae": VAETask, "unet": UNetTask, "mmdit": MMDiTTask, "controlnet": ControlNetTask, "lcm": LCMDistillTask}
+TASKS = {"vae": VAETask, "unet": UNetTask, "mmdit": MMDiTTask, "controlnet": ControlNetTask, "lcm": LCMDistillTask,
+         "video": VideoTask}
