@@ -74,7 +74,7 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                           guidance_scale=guidance, sampler=body.sampler_name or body.sampler_index,
                           scheduler=body.scheduler, seed=None if body.seed == -1 else body.seed, width=body.width,
                           height=body.height, n=body.batch_size * body.n_iter, model=model, **options, **edit)
-        request = prepare(engine, limits, request, _FLUX_NAMES if flux else _NAMES, DEFAULTS)
+        request = prepare(engine, limits, request, _FLUX_NAMES if flux else _NAMES, DEFAULTS, images_only=True)
         job = await run_sync(engine, request, http)
         raise_for_job(job)
         params = job.result["params"]

@@ -1,4 +1,5 @@
-"""The HTTP application: `create_app(engine)` puts three API dialects, probes and metrics in front of an Engine.
+"""The HTTP application: `create_app(engine)` puts the API dialects (OpenAI images and videos, A1111, reverie's
+jobs), probes and metrics in front of an Engine.
 
 Handlers only validate input and talk to the engine. Every error is JSON `{"detail": ...}` naming the field:
 422 for bad input (over a limit included), 429 + Retry-After when the queue is full, 503 while models load or
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from . import a1111, jobs, openai
+from . import a1111, jobs, openai, videos
 from .engine import Engine
 from .job import FieldError, Rejected
 from .schemas import Limits
@@ -31,7 +32,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     """A FastAPI app serving `engine` (started and closed by the caller). api_key: clients must send
     `Authorization: Bearer <api_key>`."""
     app = FastAPI(title="reverie", version=__version__,
-                  description="Image generation: OpenAI images API, A1111 /sdapi/v1, and reverie's async jobs.")
+                  description="Image and video generation: OpenAI images and videos APIs, A1111 /sdapi/v1, and "
+                              "reverie's async jobs.")
     app.state.engine = engine  # the playground's schedule views read the served models
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, metrics=engine.metrics)
 
@@ -79,7 +81,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         """Prometheus metrics: queue depth, batch sizes, step latency, images, errors, rejections."""
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    for dialect in (openai, a1111, jobs):
+    for dialect in (openai, a1111, jobs, videos):
         app.include_router(dialect.router(engine, limits))
     try:
         from .playground import router as playground

@@ -9,6 +9,7 @@ import binascii
 from fastapi import HTTPException
 from starlette.requests import Request as HTTPRequest
 
+from . import family as families
 from .engine import Engine
 from .job import FINAL, FieldError, Job, Request
 from .schemas import Limits
@@ -27,12 +28,17 @@ def decode_image(field: str, data: str | None) -> bytes | None:
 
 
 def prepare(engine: Engine, limits: Limits, request: Request, names: dict | None = None,
-            defaults: dict | None = None) -> Request:
+            defaults: dict | None = None, *, images_only: bool = False) -> Request:
     """Defaults filled in and every check done (limits, then the model's, then the limits on the filled-in size),
     errors naming the fields as the dialect names them (names: engine field -> dialect field). defaults: the
-    dialect's own steps / guidance_scale / sampler defaults for SD models (Engine.prepare)."""
+    dialect's own steps / guidance_scale / sampler defaults for SD models (Engine.prepare). images_only: the
+    dialect answers with images, so a video model is a 422 naming model."""
     try:
         limits.check(request)
+        model = request.model or engine.default_model
+        if images_only and model in engine.models and families.is_video(engine.models[model]):
+            raise FieldError("model", f"{model!r} makes videos: use POST /v1/videos or /v1/jobs (image models here: "
+                                      f"{[n for n, p in engine.models.items() if not families.is_video(p)]})")
         request = engine.prepare(request, defaults)
         limits.check(request)
     except FieldError as e:

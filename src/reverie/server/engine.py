@@ -6,8 +6,10 @@ share its forward passes (same model, size, sampler, schedule, steps and shift, 
 model's family decides — reverie.server.family — and for img2img, inpainting and ControlNet the same strength,
 source size and ControlNet: guidance scales may differ, CFGDenoiser takes one per row; source, mask and
 control images are per row) and runs them as one Pipeline call, one seed per image, so a batched image equals
-the same request run alone up to float rounding. Models of every family (SD 1/2, DiT, SD3, FLUX) are served;
-a request's missing steps, guidance scale and sampler are the model family's defaults. A request with a refiner
+the same request run alone up to float rounding. Models of every family (SD 1/2, DiT, SD3, FLUX, Wan video)
+are served; a request's missing steps, guidance scale and sampler (and a video's num_frames and fps) are the
+model family's defaults. A video job's result is an MP4 per video (GIF without PyAV) with its middle frame as a
+PNG poster; its previews decode the middle latent frame. A request with a refiner
 (SD / SDXL, A1111's SDXL refiner) runs its model to the switch point and the refiner from its latents on.
 
 Between denoising steps the sampler callback drops rows whose job was cancelled or ran past its deadline (the
@@ -36,6 +38,7 @@ from .. import control
 from ..loading import load_controlnet
 from ..metadata import image_params, png_bytes
 from ..pipeline import MAX_SEED, Pipeline, to_pil
+from ..video_io import has_pyav
 from . import family as families
 from .job import BYTES_FIELDS, FINAL, Cancelled, FieldError, Job, Rejected, Request, final_data
 from .metrics import BATCH_BUCKETS, Metrics
@@ -73,6 +76,7 @@ class Engine:
         self.store = JobStore(out_dir)
         self.max_queue, self.max_batch, self.batch_window_s = max_queue, max_batch, batch_window_s
         self.timeout_s, self.preview_interval_s = timeout_s, preview_interval_s
+        self.video_format = "mp4" if has_pyav() else "gif"  # how video results are stored (store.VIDEO_FORMATS)
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}  # queued and running
         self._finished: OrderedDict[str, Job] = OrderedDict()  # recent final jobs (the store has all)
@@ -210,6 +214,15 @@ class Engine:
         path = self.store.image_path(job_id, index)
         return path if path.is_file() else None
 
+    def video_path(self, job_id: str, index: int, kind: str):
+        """The MP4 (or GIF) of a finished video job's video `index` stored as `kind`, or None."""
+        job = self.get(job_id)
+        if job is None or job.status != "done" or not 0 <= index < job.request.n \
+                or (job.result or {}).get("video_format") != kind:
+            return None
+        path = self.store.video_path(job_id, index, kind)
+        return path if path.is_file() else None
+
     # --- validation ----------------------------------------------------------------------------------
 
     def prepare(self, request: Request, defaults: dict | None = None) -> Request:
@@ -226,8 +239,9 @@ class Engine:
             raise FieldError("model", f"must be one of {sorted(self.models)}; got {model!r}")
         pipe = self.models[model]
         settings = families.settings(pipe, defaults)
-        request = dataclasses.replace(request, **{k: v for k, v in settings.items() if getattr(request, k) is None})
-        factor, size = pipe.size_multiple, (pipe.default_size, pipe.default_size)
+        request = dataclasses.replace(request, **{k: v for k, v in settings.items() if getattr(request, k) is None},
+                                      **families.video_defaults(pipe, request))
+        factor, size = pipe.size_multiple, pipe.family.default_dims(pipe)  # Wan: 832 x 480
         source = request.image if request.image is not None else request.control_image
         if source is not None and (request.width is None or request.height is None):
             w, h = _open_image("image" if request.image is not None else "control_image", source).size
@@ -238,7 +252,7 @@ class Engine:
             if value % factor:
                 raise FieldError(name, f"must be a multiple of {factor} for this {pipe.family.name} model; got {value}")
         families.sampler_choice(pipe, request.sampler, request.scheduler)
-        families.check(pipe, request)
+        families.check(pipe, request, self.video_format)
         if request.steps > pipe.schedule.num_train_timesteps:
             raise FieldError("steps", f"must be <= {pipe.schedule.num_train_timesteps}; got {request.steps}")
         for name in BYTES_FIELDS:
@@ -517,7 +531,8 @@ class Engine:
         return result
 
     def _deliver(self, job: Job, result, rows: range, elapsed: float) -> None:
-        """Write a job's images (PNG with its parameters), then mark it done."""
+        """Write a job's images (PNG with its parameters), or its videos (MP4 or GIF with their parameters, and the
+        middle frame as a PNG poster), then mark it done."""
         r = job.request
         uses_cfg = families.uses_cfg(self.models[r.model], r)
         params = []
@@ -526,9 +541,17 @@ class Engine:
             if not uses_cfg:  # as if alone: no negative prompt without guidance
                 p["negative_prompt"] = None
             p |= {k: v for k, v in families.call_options(r).items() if k not in p}  # all it takes to regenerate
-            self.store.write_image(job.id, i, png_bytes(result.images[row], p))
+            image = result.images[row]
+            if result.frames is not None:
+                frames = result.frames[row]
+                self.store.write_video(job.id, i, frames, fps=r.fps, params=p, kind=self.video_format)
+                image = frames[len(frames) // 2]  # the poster
+            self.store.write_image(job.id, i, png_bytes(image, p))
             params.append(p)
-        self._finish(job, "done", result=dict(images=r.n, seeds=job.seeds, params=params, elapsed_s=round(elapsed, 3)))
+        video = dict(videos=r.n, video_format=self.video_format, fps=r.fps, num_frames=r.num_frames) \
+            if result.frames is not None else {}
+        self._finish(job, "done", result=dict(images=r.n, seeds=job.seeds, params=params, elapsed_s=round(elapsed, 3),
+                                              **video))
 
     def _finish(self, job: Job, status: str, *, error: str | None = None, result: dict | None = None,
                 failure: str | None = None) -> bool:
@@ -613,16 +636,20 @@ class _StepCallback:
 
     def _previews(self, step, jobs: list[Job]) -> dict:
         """Decode x_t (VP: scaled to unit variance; flow samples already are) and the denoised estimate of each
-        job's first image."""
+        job's first image; of a video, its middle latent frame (B, C, 1, h, w), decoded as a one-frame video."""
         vae = self.pipe.vae
         rows = [self.rows[job.id] for job in jobs]
         x = step.x[rows]
         if self.pipe.sampling.kind == "vp":
             x = x / (1 + float(step.sigma) ** 2) ** 0.5
-        z = torch.cat([x, step.denoised[rows]])
+        z = torch.cat([x, step.denoised[rows]])  # (2n, C, h, w); video: (2n, C, F, h, w)
+        if z.ndim == 5:
+            middle = z.shape[2] // 2
+            z = z[:, :, middle:middle + 1]
         param = next(vae.parameters())
         with torch.inference_mode():
-            images = to_pil(vae.decode(z.to(param.device, param.dtype) / vae.scaling_factor + vae.shift_factor))
+            pixels = self.pipe.family.decode(vae, z.to(param.device, param.dtype))  # the VAE's scale and shift undone
+        images = to_pil(pixels[:, :, 0] if pixels.ndim == 5 else pixels)
         n = len(jobs)
         return {job: (_data_url(images[i]), _data_url(images[n + i])) for i, job in enumerate(jobs)}
 

@@ -11,6 +11,9 @@ arguments to Pipeline.__call__.
     FLUX     as SD3; the distilled guidance (guidance_scale) and true_cfg_scale are one value per call, so
              they must agree too. true_cfg_scale > 1 runs classifier-free guidance against the negative prompt
              ("" when none is given, as Forge does with cfg_scale > 1)
+    Wan      text-to-video: UMT5 states of a fixed length; requests batch when num_frames and
+             max_sequence_length agree (the latents' frame count is the call's). Video models take num_frames
+             and fps, and refuse the image-only fields (img2img, inpainting, ControlNet, refiner)
 
 A batched row must give exactly what its request gives alone, so every setting that a pipeline call applies to
 all rows is in the key; per-row settings (prompt, negative prompt, seed, SD/SD3/DiT guidance scale) are not.
@@ -18,16 +21,21 @@ all rows is in the key; per-row settings (prompt, negative prompt, seed, SD/SD3/
 
 from __future__ import annotations
 
+import math
+
 from ..flow import FLOW_KINDS, flow_samplers
 from ..samplers import SAMPLERS
+from ..video_io import check_fps
 from .job import FieldError, Request
 
 SD_DEFAULTS = dict(steps=20, guidance_scale=7.5, sampler="dpmpp_2m")  # the native and OpenAI dialects' SD defaults
 VP_KINDS = ("default", "karras", "exponential")  # the schedule kinds a DiscreteSchedule spaces
 # Request fields that are family options of Pipeline.__call__ (each family takes those in its `options`)
-OPTIONS = ("max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale")
+OPTIONS = ("num_frames", "max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale")
 HANDOFF_FAMILIES = ("sd", "sdxl")  # the families whose latents a refiner can finish (same layout, DDPM schedule)
-SEQUENCE_DEFAULTS = {"sd3": 256, "flux": 512}  # diffusers' max_sequence_length defaults
+SEQUENCE_DEFAULTS = {"sd3": 256, "flux": 512, "wan": 512}  # diffusers' max_sequence_length defaults
+VIDEO_FPS = 16  # a video request's default frame rate: Wan 2.1's (its examples export at 16 fps)
+IMAGE_ONLY = ("image", "mask", "control_image", "refiner")  # request fields a text-to-video model refuses
 
 
 def settings(pipe, dialect: dict | None = None) -> dict:
@@ -73,9 +81,35 @@ def sampler_choice(pipe, sampler: str | None, scheduler: str | None):
     return choice
 
 
-def check(pipe, r: Request) -> None:
-    """The checks a request's fields need from the model's family (after its defaults are filled in)."""
+def is_video(pipe) -> bool:
+    """Whether the model makes videos (its family takes num_frames: Wan)."""
+    return "num_frames" in pipe.family.options
+
+
+def video_defaults(pipe, r: Request) -> dict:
+    """num_frames and fps for a video model's request that gives none: the family's frame count (Wan: 81) and
+    VIDEO_FPS; {} for image models (their requests keep None, and check refuses either field)."""
+    if not is_video(pipe):
+        return {}
+    return dict(num_frames=pipe.family.default_frames if r.num_frames is None else r.num_frames,
+                fps=VIDEO_FPS if r.fps is None else r.fps)
+
+
+def frames_for(pipe, seconds: float, fps: float) -> int:
+    """The frame count nearest seconds * fps that the model's VAE takes: 1 + t k for its time compression t
+    (Wan: 4), k = floor((seconds * fps - 1) / t + 1/2) >= 0, halves rounding up (4 s at 16 fps: 65 frames)."""
+    t = pipe.vae.config.temporal_compression
+    return 1 + t * max(0, math.floor((seconds * fps - 1) / t + 0.5))
+
+
+def check(pipe, r: Request, video_format: str = "mp4") -> None:
+    """The checks a request's fields need from the model's family (after its defaults are filled in);
+    video_format: how the engine stores videos ("gif" caps fps)."""
     family = pipe.family
+    if is_video(pipe):
+        _check_video(pipe, r, video_format)
+    elif r.fps is not None:
+        raise FieldError("fps", f"only video models (Wan) take a frame rate; this is a {family.name} model")
     if family.prompt_kind == "class":
         try:
             family.prompts(pipe, r.prompt)
@@ -102,6 +136,23 @@ def check(pipe, r: Request) -> None:
         raise FieldError("skip_layer_guidance_scale", "needs skip_guidance_layers")
     if r.control_image is not None and not family.controlnet:
         raise FieldError("control_image", f"ControlNet is for SD 1/2 and SDXL models only; this is a {family.name} model")
+
+
+def _check_video(pipe, r: Request, video_format: str) -> None:
+    """A video request: num_frames by the family's rule (Wan: 1 + 4k), fps for the stored format, and none of the
+    image-only fields."""
+    for name in IMAGE_ONLY:
+        if getattr(r, name) is not None:
+            raise FieldError(name, f"{pipe.family.name} models make videos from text only here (no img2img, "
+                                   f"inpainting, ControlNet or refiner)")
+    try:
+        pipe.family.check_options({"num_frames": r.num_frames})
+    except ValueError as e:
+        raise FieldError("num_frames", _message(e, "num_frames")) from None
+    try:
+        check_fps(r.fps, video_format)
+    except ValueError as e:
+        raise FieldError("fps", _message(e, "fps")) from None
 
 
 def check_refiner(pipe, refiner, name: str) -> None:
@@ -148,6 +199,8 @@ def conditioning_key(pipe, r: Request) -> tuple:
     if name == "flux":
         return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], r.guidance_scale,
                 r.true_cfg_scale if uses_cfg(pipe, r) else None)
+    if name == "wan":  # the latents' frame count is the call's
+        return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], r.num_frames)
     return ()  # DiT: class labels of any kind stack
 
 
@@ -171,6 +224,12 @@ def describe(pipe) -> dict:
         out.update(shift=pipe.schedule.shift, dynamic_shift=pipe.schedule.use_dynamic_shifting)
     if family.name == "flux":
         out["variant"] = "dev" if pipe.network.config.guidance_embeds else "schnell"
+    out["video"] = is_video(pipe)
+    if out["video"]:
+        t = pipe.vae.config.temporal_compression
+        out["options"].append("fps")
+        out["defaults"] = dict(out["defaults"], num_frames=family.default_frames, fps=VIDEO_FPS)
+        out["frames"] = f"1 + {t}k"  # the num_frames the model takes
     return out
 
 
@@ -180,14 +239,19 @@ def warm_up_call(pipe) -> dict:
     multiple = pipe.size_multiple
     size = min(pipe.default_size, multiple * max(1, -(-64 // multiple)))
     prompt = 0 if pipe.family.prompt_kind == "class" else "warm-up"
-    return dict(prompt=prompt, steps=1, seed=0, sampler="euler", width=size, height=size, progress=False)
+    frames = dict(num_frames=1) if is_video(pipe) else {}  # one frame: the family's default is 81
+    return dict(prompt=prompt, steps=1, seed=0, sampler="euler", width=size, height=size, progress=False, **frames)
 
 
 def _message(error: ValueError, field: str) -> str:
     """A pipeline error's text without its leading field name (FieldError puts it back)."""
     text = str(error)
-    return text[len(field) + 2:] if text.startswith(f"{field}: ") else text
+    for prefix in (f"{field}: ", f"{field} "):  # "num_frames: ..." or "num_frames must be ..."
+        if text.startswith(prefix):
+            return text[len(prefix):]
+    return text
 
 
-__all__ = ["OPTIONS", "SD_DEFAULTS", "allowed_samplers", "call_options", "check", "check_refiner", "conditioning_key",
-           "describe", "sampler_choice", "settings", "uses_cfg", "warm_up_call"]
+__all__ = ["OPTIONS", "SD_DEFAULTS", "VIDEO_FPS", "allowed_samplers", "call_options", "check", "check_refiner",
+           "conditioning_key", "describe", "frames_for", "is_video", "sampler_choice", "settings", "uses_cfg",
+           "video_defaults", "warm_up_call"]

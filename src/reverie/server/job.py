@@ -60,6 +60,8 @@ class Request:
     refiner: str | None = None  # a model this server holds that finishes from the first model's latents (SDXL)
     refiner_switch_at: float | None = None  # in (0, 1): the schedule fraction the first model runs (0.8 with a refiner)
     shift: float | None = None  # flow models (SD3, FLUX): the schedule's shift instead of the model's
+    num_frames: int | None = None  # video models (Wan: 1 + 4k); None: the family's default (Engine.prepare fills it)
+    fps: float | None = None  # video models: frames per second of the stored clip; None: family.VIDEO_FPS
     max_sequence_length: int | None = None  # SD3, FLUX: T5 tokens (None: SD3 256, FLUX 512)
     true_cfg_scale: float | None = None  # FLUX: classifier-free guidance against the negative prompt when > 1
     skip_guidance_layers: list[int] | None = None  # SD3.5: skip-layer guidance on these transformer blocks
@@ -96,7 +98,7 @@ class Job:
     finished: float | None = None
     error: str | None = None
     failure: str | None = None  # why it failed: "invalid" (the request), "deadline", "internal"
-    result: dict | None = None  # {images, seeds, params, elapsed_s} when done
+    result: dict | None = None  # {images, seeds, params, elapsed_s} when done; videos: + videos, video_format, fps
     progress: dict | None = None  # the last progress event's data, previews left out
     deadline: float = math.inf  # time.monotonic() after which the job fails
     enqueued: float = field(default_factory=time.monotonic)
@@ -142,9 +144,19 @@ class Job:
                     seeds=self.seeds, n=self.request.n, result=self.result)
 
 
+def result_urls(job: Job) -> dict:
+    """Where a finished job's files are: {"images": PNG urls} (a video's PNG is its poster, the middle frame),
+    and for a video job "videos": its MP4 (or GIF) urls. Empty lists until the job is done."""
+    done = job.status == "done"
+    out = {"images": [f"/v1/jobs/{job.id}/images/{i}.png" for i in range(job.request.n)] if done else []}
+    kind = (job.result or {}).get("video_format")
+    if kind is not None:
+        out["videos"] = [f"/v1/jobs/{job.id}/videos/{i}.{kind}" for i in range(job.request.n)] if done else []
+    return out
+
+
 def final_data(job: Job) -> dict:
     """The data of a job's final event (done, failed, cancelled)."""
     if job.status == "done":
-        return dict(images=[f"/v1/jobs/{job.id}/images/{i}.png" for i in range(job.request.n)], seeds=job.seeds,
-                    elapsed_s=(job.result or {}).get("elapsed_s"))
+        return dict(result_urls(job), seeds=job.seeds, elapsed_s=(job.result or {}).get("elapsed_s"))
     return dict(error=job.error or job.status)

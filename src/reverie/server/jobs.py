@@ -1,4 +1,5 @@
-"""The native async job API: submit, poll, stream events (SSE), cancel, fetch results by id."""
+"""The native async job API: submit, poll, stream events (SSE), cancel, fetch results by id (images as PNG,
+videos as MP4, or GIF where PyAV is missing, each with a PNG poster under images/)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from fastapi.responses import FileResponse, StreamingResponse
 
 from .common import decode_image, prepare
 from .engine import Engine
-from .job import FINAL, Job, Request
+from .job import FINAL, Job, Request, result_urls
 from .schemas import JobAccepted, JobBody, Limits
+from .store import VIDEO_FORMATS
 
 JobId = Path(pattern=r"^[0-9a-f]{32}$", description="a job id from POST /v1/jobs")
 HEARTBEAT_S = 15.0  # an SSE comment this often keeps proxies from closing a quiet stream
@@ -36,19 +38,18 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                           strength=body.strength, control_image=decode_image("control_image", body.control_image),
                           control_type=body.control_type, controlnet_scale=body.controlnet_scale,
                           refiner=body.refiner, refiner_switch_at=body.refiner_switch_at,
-                          preview=body.preview, timeout_s=body.timeout_s, **body.family_fields())
+                          preview=body.preview, timeout_s=body.timeout_s, num_frames=body.num_frames, fps=body.fps,
+                          **body.family_fields())
         job = engine.submit(prepare(engine, limits, request), kind="job")
         return dict(id=job.id, position=engine.position(job), status=job.status)
 
     @api.get("/v1/jobs/{job_id}")
     def status(job_id: str = JobId) -> dict:
-        """A job's state: status, queue position, progress, and its images once done."""
+        """A job's state: status, queue position, progress, and its images (and videos) once done."""
         job = find(job_id)
         view = job.view()
         view["position"] = engine.position(job) if job.status == "queued" else None
-        view["images"] = [f"/v1/jobs/{job.id}/images/{i}.png" for i in range(job.request.n)] \
-            if job.status == "done" else []
-        return view
+        return view | result_urls(job)
 
     @api.delete("/v1/jobs/{job_id}")
     def cancel(job_id: str = JobId) -> dict:
@@ -66,6 +67,24 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
         if path is None:
             raise HTTPException(404, f"index: job {job_id} has no finished image {index}")
         return FileResponse(path, media_type="image/png")
+
+    def video(job_id: str, index: int, kind: str) -> FileResponse:
+        path = engine.video_path(find(job_id).id, index, kind)
+        if path is None:
+            raise HTTPException(404, f"index: job {job_id} has no finished {kind} video {index}")
+        return FileResponse(path, media_type=VIDEO_FORMATS[kind])
+
+    @api.get("/v1/jobs/{job_id}/videos/{index}.mp4", response_class=FileResponse,
+             responses={200: {"content": {"video/mp4": {}}}})
+    def video_mp4(index: int, job_id: str = JobId) -> FileResponse:
+        """Video `index` of a finished video job, H.264 MP4 with its parameters (where the server has PyAV)."""
+        return video(job_id, index, "mp4")
+
+    @api.get("/v1/jobs/{job_id}/videos/{index}.gif", response_class=FileResponse,
+             responses={200: {"content": {"image/gif": {}}}})
+    def video_gif(index: int, job_id: str = JobId) -> FileResponse:
+        """Video `index` of a finished video job as a GIF (the server's format without PyAV)."""
+        return video(job_id, index, "gif")
 
     @api.get("/v1/jobs/{job_id}/events", response_class=StreamingResponse,
              responses={200: {"content": {"text/event-stream": {}}}})

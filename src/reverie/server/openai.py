@@ -38,7 +38,7 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                           guidance_scale=body.guidance_scale, sampler=body.sampler, scheduler=body.scheduler,
                           seed=body.seed, width=width, height=height, n=body.n, model=body.model,
                           **body.family_fields())
-        request = prepare(engine, limits, request, {"width": "size", "height": "size"})
+        request = prepare(engine, limits, request, {"width": "size", "height": "size"}, images_only=True)
         job = await run_sync(engine, request, http)
         raise_for_job(job)
         if body.response_format == "url":

@@ -26,6 +26,9 @@ Sampler = Field(None, description="any name reverie.samplers.resolve accepts (GE
 SwitchAt = Field(None, gt=0, lt=1, allow_inf_nan=False,
                  description="with a refiner: the fraction of the schedule the first model runs; null: 0.8")
 Prompt = Field(description="text; DiT models: an ImageNet class id or one of the model's label names")
+Frames = Field(None, ge=1, description="video models: frames per video (Wan: 1 + 4k); null: the model's default (81)")
+Fps = Field(None, gt=0, le=120, allow_inf_nan=False, description="video models: frames per second of the clip; "
+                                                                 "null: 16 (Wan 2.1's)")
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Limits:
     max_height: int = 1024
     max_steps: int = 150
     max_images: int = 8  # per request (n, batch_size * n_iter)
+    max_frames: int = 161  # per video (num_frames; Wan 2.1 makes 81 by default, 10 s at 16 fps is 161)
     max_prompt_chars: int = 2000
     max_body_bytes: int = 16 * 2**20  # the whole request body (base64 images included)
 
@@ -45,6 +49,7 @@ class Limits:
                   ("negative_prompt", len(request.negative_prompt), self.max_prompt_chars, "characters"),
                   ("steps", request.steps or 0, self.max_steps, "steps"),
                   ("n", request.n, self.max_images, "images"),
+                  ("num_frames", request.num_frames or 0, self.max_frames, "frames"),
                   ("width", request.width or 0, self.max_width, "pixels"),
                   ("height", request.height or 0, self.max_height, "pixels"))
         for name, value, limit, unit in checks:
@@ -99,6 +104,8 @@ class JobBody(FamilyOptions):
     refiner_switch_at: float | None = SwitchAt
     preview: bool = Field(False, description="stream decoded previews with the progress events")
     timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="deadline; the server caps it")
+    num_frames: int | None = Frames
+    fps: float | None = Fps
 
 
 class JobAccepted(BaseModel):
@@ -121,6 +128,28 @@ class OpenAIImageBody(FamilyOptions):
     sampler: str | None = Sampler
     scheduler: str | None = None
     seed: int | None = Seed
+
+
+class OpenAIVideoBody(BaseModel):
+    """POST /v1/videos (JSON or form fields): OpenAI's Videos API fields, plus reverie's extras. seconds and size
+    come as strings ("4", "480x832") as OpenAI sends them; numbers are accepted too."""
+
+    prompt: str = Field(min_length=1)
+    model: str | None = None
+    seconds: str | float | None = Field(None, description="clip length; frames = seconds * fps rounded to the "
+                                                          "model's rule (Wan: 1 + 4k); null: the model's default")
+    size: str | None = Field(None, description="WIDTHxHEIGHT; null: the model's default (Wan: 832x480)")
+    input_reference: str | None = Field(None, description="an image to start from: not supported by these models")
+    negative_prompt: str = ""
+    steps: int | None = Steps
+    guidance_scale: float | None = Scale
+    sampler: str | None = Sampler
+    scheduler: str | None = None
+    seed: int | None = Seed
+    fps: float | None = Fps
+    num_frames: int | None = Field(None, ge=1, description="instead of seconds: the frame count itself")
+    shift: float | None = Field(None, gt=0, le=100, allow_inf_nan=False, description="the flow schedule's shift")
+    max_sequence_length: int | None = Field(None, ge=1, le=MAX_SEQUENCE_LENGTH, description="UMT5 tokens; null: 512")
 
 
 class Txt2ImgBody(FamilyOptions):

@@ -1,4 +1,5 @@
-"""The job store: accepted jobs and their results in SQLite (WAL), result images as PNG files beside it.
+"""The job store: accepted jobs and their results in SQLite (WAL), result images as PNG files beside it, and
+videos as MP4 (or GIF) files (reverie.video_io) with a PNG poster each.
 
 A job is written before it is acknowledged, so a restart finds every accepted job: queued ones run again,
 finished ones keep serving their images. Files are named only by ids the server generates (never by anything
@@ -17,6 +18,7 @@ from pathlib import Path
 
 JOB_ID = re.compile(r"^[0-9a-f]{32}$")
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
+VIDEO_FORMATS = {"mp4": "video/mp4", "gif": "image/gif"}  # how videos are stored -> their content type
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -29,18 +31,20 @@ CREATE TABLE IF NOT EXISTS jobs (
     started REAL,
     finished REAL,
     error TEXT,
-    result TEXT                             -- JSON: {images, seeds, params, elapsed_s}
+    result TEXT                             -- JSON: {images, seeds, params, elapsed_s}; videos: + videos, ...
 )
 """
 
 
 class JobStore:
-    """SQLite rows for jobs plus `images/<job id>-<i>.png` files, under one output folder."""
+    """SQLite rows for jobs plus `images/<job id>-<i>.png` and `videos/<job id>-<i>.mp4` files (a video's PNG is
+    its poster), under one output folder."""
 
     def __init__(self, root):
         self.root = Path(root)
-        self.images = self.root / "images"
+        self.images, self.videos = self.root / "images", self.root / "videos"
         self.images.mkdir(parents=True, exist_ok=True)
+        self.videos.mkdir(exist_ok=True)
         self._lock = threading.Lock()  # one connection shared by the engine's threads
         self._db = sqlite3.connect(self.root / "jobs.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -84,9 +88,22 @@ class JobStore:
 
     def image_path(self, job_id: str, index: int) -> Path:
         """Where image `index` of a job lives; ids are checked so no request can name another path."""
-        if not JOB_ID.match(job_id) or isinstance(index, bool) or not isinstance(index, int) or index < 0:
-            raise ValueError(f"job id must be 32 hex digits and index an int >= 0; got {job_id!r}, {index!r}")
+        _check_name(job_id, index)
         return self.images / f"{job_id}-{index}.png"
+
+    def video_path(self, job_id: str, index: int, kind: str) -> Path:
+        """Where video `index` of a job lives, as `kind` (mp4 or gif)."""
+        _check_name(job_id, index)
+        if kind not in VIDEO_FORMATS:
+            raise ValueError(f"kind must be one of {sorted(VIDEO_FORMATS)}; got {kind!r}")
+        return self.videos / f"{job_id}-{index}.{kind}"
+
+    def write_video(self, job_id: str, index: int, frames, *, fps: float, params: dict, kind: str) -> Path:
+        """Write a video's frames (PIL images) with its parameters (in the file and a .json side-car), atomically:
+        reverie.video_io.save_video."""
+        from ..video_io import save_video
+
+        return save_video(frames, self.video_path(job_id, index, kind), fps=fps, params=params)
 
     def write_image(self, job_id: str, index: int, data: bytes) -> Path:
         """Write PNG bytes atomically: a reader never sees half a file."""
@@ -100,6 +117,11 @@ class JobStore:
             Path(tmp).unlink(missing_ok=True)
             raise
         return path
+
+
+def _check_name(job_id: str, index: int) -> None:
+    if not JOB_ID.match(job_id) or isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        raise ValueError(f"job id must be 32 hex digits and index an int >= 0; got {job_id!r}, {index!r}")
 
 
 def _row(row) -> dict:

@@ -1,6 +1,6 @@
 // The reverie playground. Every number comes from the server: /playground/* for the forward process, the
-// schedules and the sigmas samplers visit (reverie.schedules, reverie.samplers); /v1/jobs for generation,
-// followed live through its server-sent events. No libraries; plot.js draws the curves.
+// schedules and the sigmas samplers visit (reverie.schedules, reverie.samplers); /v1/jobs for generation (images
+// and videos), followed live through its server-sent events. No libraries; plot.js draws the curves.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -803,9 +803,110 @@ function setupEdit(samples, controlTypes) {
   $("edit-cancel").addEventListener("click", () => { if (edit.job) { $("edit-status").textContent = "Cancelling…"; edit.job.cancel(); } });
 }
 
+// --- 5. video: a video model's job, its clip, and its middle frame at every denoising step ---------------
+
+// frames: the progress events that carry previews (the middle latent frame, decoded).
+const vid = {job: null, frames: [], follow: true};
+
+function showVideoFrame(index) {
+  const f = vid.frames[index];
+  if (!f) return;
+  $("vid-x").src = f.preview_x;
+  $("vid-x0").src = f.preview_x0;
+  $("vid-x0").dataset.step = String(f.step);
+  $("vid-scrub-label").textContent = `Step ${f.step} of ${f.steps}, σ = ${Number(f.sigma).toPrecision(3)}`;
+}
+
+// The clip: MP4 plays in the <video> element; a GIF (a server without PyAV) shows as a picture.
+function showClip(url) {
+  const gif = url.endsWith(".gif");
+  $("vid-player").hidden = gif;
+  $("vid-gif").hidden = !gif;
+  if (gif) { $("vid-gif").src = url; return; }
+  $("vid-player").src = url;
+  $("vid-player").play().catch(() => {});  // autoplay may be refused; the controls remain
+}
+
+async function generateVideo(event) {
+  event.preventDefault();
+  clearError();
+  if (!checkForm($("vid-form"))) return;
+  const scrub = $("vid-scrub");
+  vid.frames = []; vid.follow = true;
+  scrub.max = "1"; scrub.value = "1"; scrub.disabled = true;
+  $("vid-x").src = BLANK; $("vid-x0").src = BLANK;
+  $("vid-player").removeAttribute("src"); $("vid-gif").hidden = true; $("vid-player").hidden = false;
+  $("vid-progress").value = 0;
+  $("vid-status").textContent = "Submitting…";
+  setRunning("vid", true);
+  const body = {
+    model: $("vid-model").value, prompt: $("vid-prompt").value, steps: intValue("vid-steps"),
+    guidance_scale: numValue("vid-guidance"), seed: intValue("vid-seed"), num_frames: intValue("vid-frames"),
+    fps: numValue("vid-fps"), width: intValue("vid-width"), height: intValue("vid-height"), n: 1, preview: true,
+  };
+  if ($("vid-negative").value) body.negative_prompt = $("vid-negative").value;
+  vid.job = runJob(body, {
+    queued: (j) => { $("vid-status").textContent = j.position ? `Queued (position ${j.position})…` : "Queued…"; },
+    started: () => { $("vid-status").textContent = "Denoising…"; },
+    progress: (p) => {
+      $("vid-progress").value = p.steps ? p.step / p.steps : 0;
+      $("vid-status").textContent = `Step ${p.step} of ${p.steps}`;
+      if (!p.preview_x || !p.preview_x0) return;
+      vid.frames.push(p);
+      scrub.max = String(vid.frames.length);
+      scrub.disabled = false;
+      if (vid.follow) { scrub.value = scrub.max; showVideoFrame(vid.frames.length - 1); }
+    },
+  });
+  try {
+    const r = await vid.job.done;
+    showClip(r.videos[0]);
+    $("vid-progress").value = 1;
+    const seconds = r.elapsed_s !== undefined ? ` in ${r.elapsed_s.toFixed(2)} s` : "";
+    $("vid-status").textContent = `Done${seconds}: ${body.num_frames} frames at ${body.fps} fps. Drag the slider to replay the steps.`;
+  } catch (e) {
+    $("vid-status").textContent = e instanceof Cancelled ? "Cancelled." : "Failed.";
+    showError(e);
+  } finally {
+    setRunning("vid", false);
+    $("vid-run").disabled = !$("vid-model").value;
+    vid.job = null;
+  }
+}
+
+// models: GET /v1/models; the tab offers the video models (describe: video true) with their defaults.
+function setupVideo(models) {
+  const videos = models.filter((m) => m && m.video);
+  $("vid-model").replaceChildren(...(videos.length ? videos.map((m) => new Option(m.id, m.id))
+                                                    : [new Option("no video model on this server", "")]));
+  $("vid-run").disabled = !videos.length;
+  if (!videos.length) {
+    $("vid-hint").textContent = "This server holds no video model: serve a Wan 2.1 text-to-video folder to use this tab.";
+  }
+  const useDefaults = () => {
+    const m = videos.find((v) => v.id === $("vid-model").value);
+    if (!m) return;
+    $("vid-steps").value = String(m.defaults.steps);
+    $("vid-guidance").value = String(m.defaults.guidance_scale);
+    $("vid-fps").value = String(m.defaults.fps);
+    for (const id of ["vid-width", "vid-height"]) $(id).step = String(m.size_multiple);
+  };
+  $("vid-model").addEventListener("change", useDefaults);
+  useDefaults();
+  $("vid-form").addEventListener("submit", generateVideo);
+  $("vid-cancel").addEventListener("click", () => {
+    if (vid.job) { $("vid-status").textContent = "Cancelling…"; vid.job.cancel(); }
+  });
+  $("vid-scrub").addEventListener("input", () => {
+    const i = Number($("vid-scrub").value) - 1;
+    vid.follow = i === vid.frames.length - 1;
+    showVideoFrame(i);
+  });
+}
+
 // --- start ----------------------------------------------------------------------------------------------
 
-// What the server says it can do: the model's name and its ControlNets, if the job API is there.
+// What the server says it can do: its models (GET /v1/models) and their ControlNets, if the job API is there.
 async function checkServer() {
   try {
     const models = await api("GET", "/v1/models");
@@ -817,12 +918,12 @@ async function checkServer() {
     }
     for (const c of (models && (models.controlnets || models.control_types)) || []) controls.push(typeof c === "string" ? c : c.id || c.name);
     $("server-status").textContent = `Connected. Model: ${names.join(", ") || "unknown"}.`;
-    return controls.filter(Boolean);
+    return {controls: controls.filter(Boolean), models: list};
   } catch (e) {
     $("server-status").textContent = e.status === 404
       ? "This server has no job API: the forward-process views work, generation does not."
       : `Generation may not work: ${e.message}`;
-    return [];
+    return {controls: [], models: []};
   }
 }
 
@@ -830,14 +931,15 @@ async function main() {
   setupTabs();
   $("error-close").addEventListener("click", clearError);
   try {
-    const [samplers, samples, controls] = await Promise.all([
+    const [samplers, samples, server] = await Promise.all([
       api("GET", "/playground/samplers"), api("GET", "/playground/samples?size=64"), checkServer(),
     ]);
     state.samplers = samplers.samplers;
     state.defaultSampler = samplers.default;
     setupReverse();
     setupGuidance();
-    setupEdit(samples.samples, [...new Set(controls)]);
+    setupVideo(server.models);
+    setupEdit(samples.samples, [...new Set(server.controls)]);
     await setupForward(samples.samples);
     document.body.dataset.ready = "true";
   } catch (e) {
