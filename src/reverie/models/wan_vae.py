@@ -8,6 +8,10 @@ latent frame at a time. Each causal conv carries the last CACHE_T frames of its 
 the first chunk, so 1 + 4k frames give 1 + k latent frames and back. The norm is an L2 normalisation over
 channels times sqrt(C) and a learned scale (not torch's RMSNorm); the mid blocks attend within each frame.
 
+WanVAE.enable_tiling adds diffusers' spatial tiling: overlapping tiles of H x W, each streamed through time with
+its own feature cache, cross-faded across the overlap. It bounds what one frame's activations cost; what grows
+with frame count is the video itself (bench/video_frames.py measures both).
+
 Config keys and parameter names are those of diffusers' AutoencoderKLWan (2.1 layout; Wan 2.2's residual 48-channel
 VAE, `is_residual` / `patch_size`, is not implemented), so a diffusers state dict loads strictly, no key map.
 """
@@ -24,7 +28,7 @@ from torch import Tensor, nn
 
 from .flux import _check_int
 from .unet import config_kwargs
-from .vae import DiagonalGaussian
+from .vae import DiagonalGaussian, _blend
 
 CACHE_T = 2  # frames of history a causal conv with a 3-frame kernel needs
 CHUNK = 4  # frames the encoder takes at a time after the first (fixed by the architecture's 4x time compression)
@@ -314,6 +318,29 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(x)), cache)
 
 
+# ---------------------------------------------------------------- spatial tiles
+
+def _tiled(fn, x: Tensor, tile: tuple[int, int], stride: tuple[int, int], out_tile: tuple[int, int],
+           out_stride: tuple[int, int]) -> Tensor:
+    """fn over overlapping (H, W) tiles of x (B, C, T, H, W), one starting at every multiple of `stride` (edge
+    tiles cut short), each tile mapped to out_tile = tile times fn's spatial scale. Each output tile gets its upper,
+    then its left neighbour cross-faded into its first out_tile - out_stride rows / columns (in place and in raster
+    order, so a neighbour is already blended) and keeps its first out_stride (diffusers' AutoencoderKLWan
+    tiled_encode / tiled_decode)."""
+    (th, tw), (sh, sw) = tile, stride
+    rows = [[fn(x[:, :, :, i:i + th, j:j + tw]) for j in range(0, x.shape[4], sw)] for i in range(0, x.shape[3], sh)]
+    (blend_h, blend_w), (keep_h, keep_w) = (t - s for t, s in zip(out_tile, out_stride)), out_stride
+    out_rows = []
+    for i, row in enumerate(rows):
+        for j, y in enumerate(row):
+            if i > 0:
+                _blend(rows[i - 1][j], y, blend_h, dim=3)
+            if j > 0:
+                _blend(row[j - 1], y, blend_w, dim=4)
+        out_rows.append(torch.cat([y[:, :, :, :keep_h, :keep_w] for y in row], dim=4))
+    return torch.cat(out_rows, dim=3)
+
+
 # ---------------------------------------------------------------- the autoencoder
 
 class WanVAE(nn.Module):
@@ -326,6 +353,9 @@ class WanVAE(nn.Module):
         self.quant_conv = CausalConv3d(2 * c.z_dim, 2 * c.z_dim, 1)
         self.post_quant_conv = CausalConv3d(c.z_dim, c.z_dim, 1)
         self.decoder = Decoder(c)
+        self.use_tiling = False
+        self.tile_sample_min_height = self.tile_sample_min_width = 256  # pixels; diffusers' defaults
+        self.tile_sample_stride_height = self.tile_sample_stride_width = 192
 
     @classmethod
     def from_config(cls, d: dict[str, Any]) -> "WanVAE":
@@ -336,27 +366,88 @@ class WanVAE(nn.Module):
         """A config dict that diffusers' AutoencoderKLWan.from_config accepts."""
         return self.config.to_dict()
 
+    # --- memory: spatial tiling -----------------------------------------------------------------------------
+
+    def enable_tiling(self, tile_sample_min_height: int | None = None, tile_sample_min_width: int | None = None,
+                      tile_sample_stride_height: int | None = None,
+                      tile_sample_stride_width: int | None = None) -> None:
+        """Encode / decode videos taller than tile_sample_min_height or wider than tile_sample_min_width pixels as
+        tiles of that size placed every tile_sample_stride_* pixels, each streamed through time with its own feature
+        cache, the overlap (tile - stride, / spatial compression in latents) cross-faded linearly, as diffusers'
+        AutoencoderKLWan does; None keeps the current value (at first diffusers' 256 and 192). The output differs
+        from the untiled one: a tile sees only its own context.
+
+        Tiling bounds the activations of one frame by one tile. Time needs no tiling: decode already streams one
+        latent frame at a time (encode 4 frames) through a cache of CACHE_T frames per conv, so with or without
+        tiles memory grows with frame count only through the output video (tiled: plus the tiles' outputs, held
+        until they are blended, about (tile / stride)^2 times the video)."""
+        s = self.config.spatial_compression
+        sizes = {"tile_sample_min_height": tile_sample_min_height, "tile_sample_min_width": tile_sample_min_width,
+                 "tile_sample_stride_height": tile_sample_stride_height,
+                 "tile_sample_stride_width": tile_sample_stride_width}
+        sizes = {name: getattr(self, name) if v is None else v for name, v in sizes.items()}
+        for name, v in sizes.items():
+            # multiples of s, or tiles are placed at one stride in pixels and cut at another in latents
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1 or v % s:
+                raise ValueError(f"{name} must be a positive multiple of the spatial compression {s}; got {v!r}")
+        for axis in ("height", "width"):
+            tile, stride = sizes[f"tile_sample_min_{axis}"], sizes[f"tile_sample_stride_{axis}"]
+            if stride > tile:
+                raise ValueError(f"tile_sample_stride_{axis} must be at most tile_sample_min_{axis}={tile} (tiles "
+                                 f"must overlap or touch); got {stride}")
+        for name, v in sizes.items():
+            setattr(self, name, v)
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    def _tile_pixels(self) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(tile, stride) in pixels, each (height, width)."""
+        return ((self.tile_sample_min_height, self.tile_sample_min_width),
+                (self.tile_sample_stride_height, self.tile_sample_stride_width))
+
+    # --- encode / decode ------------------------------------------------------------------------------------
+
+    def _moments(self, x: Tensor) -> Tensor:
+        """Video -> quant_conv moments (B, 2 z_dim, T', h, w): frame 0 alone, then 4 at a time, one cache."""
+        cache = {}
+        chunks = [x[:, :, :1]] + [x[:, :, i:i + CHUNK] for i in range(1, x.shape[2], CHUNK)]
+        return self.quant_conv(torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2))
+
+    def _frames(self, z: Tensor) -> Tensor:
+        """Latents -> unclamped video, one latent frame at a time through one cache, post_quant_conv too (as
+        diffusers' tiled_decode; its untiled decode convolves all frames at once, which rounds differently)."""
+        cache = {}
+        return torch.cat([self.decoder(self.post_quant_conv(frame), cache) for frame in z.split(1, dim=2)], dim=2)
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """(B, in_channels, 1 + 4k, H, W) video in [-1, 1], H and W multiples of the spatial compression ->
         q(z | x) over (B, z_dim, 1 + 4k / temporal_compression, H / s, W / s): frame 0 alone, then 4 at a time,
-        through one feature cache (diffusers silently drops frames past the last full chunk; reverie raises)."""
+        through one feature cache (diffusers silently drops frames past the last full chunk; reverie raises);
+        with tiling on and x larger than a tile, tile by tile."""
         c, s = self.config, self.config.spatial_compression
         if x.ndim != 5 or x.shape[1] != c.in_channels or (x.shape[2] - 1) % CHUNK or x.shape[3] % s or x.shape[4] % s:
             raise ValueError(f"x must be (B, in_channels={c.in_channels}, 1 + {CHUNK}k frames, H, W) with H and W "
                              f"multiples of {s}; got {tuple(x.shape)}")
-        cache = {}
-        chunks = [x[:, :, :1]] + [x[:, :, i:i + CHUNK] for i in range(1, x.shape[2], CHUNK)]
-        moments = torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
-        return DiagonalGaussian(self.quant_conv(moments))  # mean, logvar (clamped to [-30, 20]): (B, z_dim, T', h, w)
+        (th, tw), (sh, sw) = self._tile_pixels()
+        if self.use_tiling and (x.shape[3] > th or x.shape[4] > tw):
+            moments = _tiled(self._moments, x, (th, tw), (sh, sw), (th // s, tw // s), (sh // s, sw // s))
+            return DiagonalGaussian(moments)
+        return DiagonalGaussian(self._moments(x))  # mean, logvar (clamped to [-30, 20]): (B, z_dim, T', h, w)
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, z_dim, T', h, w) latents (unnormalised) -> (B, out_channels, 1 + (T' - 1) * temporal_compression,
-        h * s, w * s) video clamped to [-1, 1], one latent frame at a time through one feature cache."""
-        c = self.config
+        h * s, w * s) video clamped to [-1, 1], one latent frame at a time through one feature cache; with tiling
+        on and z larger than a tile (tile_sample_min_* / s latents), tile by tile, clamped after blending."""
+        c, s = self.config, self.config.spatial_compression
         if z.ndim != 5 or z.shape[1] != c.z_dim:
             raise ValueError(f"z must be (B, z_dim={c.z_dim}, T, h, w); got {tuple(z.shape)}")
-        cache, z = {}, self.post_quant_conv(z)
-        frames = torch.cat([self.decoder(frame, cache) for frame in z.split(1, dim=2)], dim=2)
+        (th, tw), (sh, sw) = self._tile_pixels()
+        if self.use_tiling and (z.shape[3] > th // s or z.shape[4] > tw // s):
+            frames = _tiled(self._frames, z, (th // s, tw // s), (sh // s, sw // s), (th, tw), (sh, sw))
+        else:
+            frames = self._frames(z)
         return frames.clamp(-1.0, 1.0)
 
     def forward(self, x: Tensor, sample_posterior: bool = False, generator=None) -> Tensor:
