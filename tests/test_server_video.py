@@ -185,10 +185,12 @@ def test_fields_that_do_not_apply_are_422s_naming_them(client):
 
 
 def test_seconds_become_the_frame_count_the_vae_takes():
-    pipe = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(temporal_compression=4)))
+    pipe = SimpleNamespace(family=SimpleNamespace(temporal_compression=lambda pipe: 4))  # Wan 2.1's VAE
     # the 1 + 4k nearest seconds * fps, halves up: 64 -> 65, 81 -> 81, 8 -> 9 (7 / 4 = 1.75), 7 -> 9 (1.5 up)
     assert [frames_for(pipe, s, 16) for s in (4, 81 / 16, 0.5, 7 / 16, 0.01)] == [65, 81, 9, 9, 1]
     assert frames_for(pipe, 5, 24) == 121
+    per_frame = SimpleNamespace(family=SimpleNamespace(temporal_compression=lambda pipe: 1))  # spacetime: any count
+    assert [frames_for(per_frame, s, 16) for s in (1, 0.5, 17 / 32)] == [16, 8, 9]
 
 
 def test_openai_videos_create_poll_content_delete(client, server):

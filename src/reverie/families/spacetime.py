@@ -73,6 +73,9 @@ class Spacetime(Wan):
                              f"the longest clip axis it was trained on); got {frames}")
         return frames
 
+    def temporal_compression(self, pipe) -> int:
+        return 1  # an image VAE per frame: any frame count
+
     def latent_shape(self, pipe, batch, width, height, options) -> tuple:
         """(B, C, num_frames, H / f, W / f): one latent frame per frame."""
         f = pipe.vae.downsample_factor

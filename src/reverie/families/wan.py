@@ -77,6 +77,10 @@ class Wan(Family):
     def default_dims(self, pipe) -> tuple[int, int]:
         return 832, 480
 
+    def temporal_compression(self, pipe) -> int:
+        """Frames per latent frame after the first (Wan 2.1's VAE: 4): the model takes 1 + t k frames."""
+        return pipe.vae.config.temporal_compression
+
     def latent_shape(self, pipe, batch, width, height, options) -> tuple:
         """(B, C, 1 + (num_frames - 1) / temporal, H / s, W / s): the causal VAE keeps frame 0 alone."""
         frames = options.get("num_frames", self.default_frames)

@@ -98,7 +98,7 @@ def video_defaults(pipe, r: Request) -> dict:
 def frames_for(pipe, seconds: float, fps: float) -> int:
     """The frame count nearest seconds * fps that the model's VAE takes: 1 + t k for its time compression t
     (Wan: 4), k = floor((seconds * fps - 1) / t + 1/2) >= 0, halves rounding up (4 s at 16 fps: 65 frames)."""
-    t = pipe.vae.config.temporal_compression
+    t = pipe.family.temporal_compression(pipe)
     return 1 + t * max(0, math.floor((seconds * fps - 1) / t + 0.5))
 
 
@@ -199,8 +199,10 @@ def conditioning_key(pipe, r: Request) -> tuple:
     if name == "flux":
         return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], r.guidance_scale,
                 r.true_cfg_scale if uses_cfg(pipe, r) else None)
-    if name == "wan":  # the latents' frame count is the call's
-        return (r.max_sequence_length or SEQUENCE_DEFAULTS[name], r.num_frames)
+    if name in ("wan", "wan_i2v"):  # the latents' frame count is the call's
+        return (r.max_sequence_length or SEQUENCE_DEFAULTS["wan"], r.num_frames)
+    if name == "spacetime":
+        return (r.num_frames,)
     return ()  # DiT: class labels of any kind stack
 
 
@@ -226,10 +228,10 @@ def describe(pipe) -> dict:
         out["variant"] = "dev" if pipe.network.config.guidance_embeds else "schnell"
     out["video"] = is_video(pipe)
     if out["video"]:
-        t = pipe.vae.config.temporal_compression
+        t = pipe.family.temporal_compression(pipe)
         out["options"].append("fps")
         out["defaults"] = dict(out["defaults"], num_frames=family.default_frames, fps=VIDEO_FPS)
-        out["frames"] = f"1 + {t}k"  # the num_frames the model takes
+        out["frames"] = f"1 + {t}k" if t > 1 else "any"  # the num_frames the model takes
     return out
 
 
