@@ -99,7 +99,8 @@ class TrainConfig:
     output_dir: str = "runs/default"  # checkpoints, logs, samples and the exported model go here
     steps: int = 10_000  # optimizer steps
     time_limit_minutes: float = 0.0  # 0: none; else finish (checkpoint, samples, export) at the first step
-    # after this much wall time, however many steps are done: for a lease of fixed length. The LR schedule is
+    # after this much wall time since the run began (its data pass and latent cache included), however many steps
+    # are done: for a lease of fixed length. The LR schedule is
     # still laid out over train.steps, so pair it with optim.min_lr_ratio=1 (constant LR after warmup)
     batch_size: int = 32  # global batch per optimizer step (all processes and accumulation steps together)
     grad_accum: int = 1  # micro-batches per optimizer step and process

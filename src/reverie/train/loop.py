@@ -282,6 +282,8 @@ def _find_checkpoint(resume, ckpt_root: Path, out_dir: Path, is_main: bool) -> P
 
 def _train(config: Config, dataset, resume, stop_at_step, dist: Dist) -> TrainResult:
     t, lg = config.train, config.log
+    # the budget counts from here: the data pass and latent cache are part of a lease's time
+    deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else math.inf
     if t.batch_size % (dist.world * t.grad_accum):
         raise ValueError(f"train.batch_size ({t.batch_size}) must be a multiple of processes ({dist.world}) x "
                          f"train.grad_accum ({t.grad_accum})")
@@ -303,7 +305,6 @@ def _train(config: Config, dataset, resume, stop_at_step, dist: Dist) -> TrainRe
     log = RunLog(out_dir, state["step"], t.steps, enabled=dist.is_main, progress=lg.progress,
                  tensorboard=lg.tensorboard)
     losses, last_checkpoint, stopped, time_up = [], checkpoint, False, False
-    deadline = time.monotonic() + 60 * t.time_limit_minutes if t.time_limit_minutes else math.inf
     with _Stop() as stop, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
         while state["step"] < t.steps and not stopped and not time_up:
