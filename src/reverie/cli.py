@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .loading import BUNDLED, model_path  # noqa: F401  (BUNDLED: re-exported for scripts and tests)
+from .loading import BUNDLED, fast_model_path, model_path  # noqa: F401  (BUNDLED: re-exported for scripts and tests)
 from .train.cli import add_train_parser, parse_args
 
 
@@ -35,7 +35,8 @@ def _generate(args) -> None:
     _check_out(args.out)
     files = {k: getattr(args, k) for k in ("text_encoder", "text_encoder_2", "text_encoder_3", "vae", "config",
                                            "variant") if getattr(args, k) is not None}
-    pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
+    path = fast_model_path(args.model) if args.fast else model_path(args.model)
+    pipe = Pipeline.from_pretrained(path, device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     allow_pickle=args.allow_pickle, tokenizer=args.tokenizer,
                                     prediction_type=args.prediction_type, offload=args.offload,
                                     safety_checker=_safety_option(args), **files)
@@ -570,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "device and dtype); --model, --device, --dtype, --out apply, the other options do not")
     gen.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji), a diffusers folder or a "
                                      "single-file .safetensors checkpoint")
+    gen.add_argument("--fast", action="store_true", help="the model's few-step version: a bundled model's "
+                     "latent consistency distillation (NAME-lcm; 4 steps of the lcm sampler)")
     gen.add_argument("--negative", default=None, help="negative prompt")
     gen.add_argument("--steps", type=int, default=None, help="default: the model family's (SD 30, SD3/FLUX dev 28, "
                      "FLUX schnell 4, DiT 50)")
@@ -603,7 +606,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=int, default=None, help="CLIP layers to skip (A1111's 'Clip skip 2' = 1)")
     gen.add_argument("--out", default="out.png", help="a .png image; video models: clip.mp4, clip.gif, clip.webp, "
                      "a folder of PNG frames or clip/frame_%%04d.png (default: out.mp4 with PyAV, else out.gif)")
-    gen.add_argument("--frames", type=int, default=None, help="video models: frames, 1 + 4k (default: Wan's 81)")
+    gen.add_argument("--frames", type=int, default=None, help="video models: frames (Wan: 1 + 4k, default 81; "
+                     "reverie's moving-shapes: up to 16, default 16)")
     gen.add_argument("--fps", type=float, default=None, help=f"video models: frames per second of the file "
                      f"(default: {DEFAULT_FPS}, Wan 2.1's)")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")

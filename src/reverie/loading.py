@@ -224,6 +224,25 @@ def model_path(model: str | None) -> Path:
     raise ValueError(f"--model: {model!r} is neither a path nor a bundled model ({', '.join(bundled) or 'none'})")
 
 
+FAST_SUFFIX = "-lcm"  # a bundled model NAME's few-step sibling: NAME-lcm, distilled from it (reverie train, lcm task)
+
+
+def fast_model_path(model: str | None) -> Path:
+    """`--fast`: the few-step (latent consistency) model for `model` — a bundled model's NAME-lcm sibling, or the
+    folder itself when it already is a LatentConsistencyModelPipeline."""
+    from .formats import read_model_index
+
+    path = model_path(model)
+    if path.parent == BUNDLED and not path.name.endswith(FAST_SUFFIX):
+        path = BUNDLED / f"{path.name}{FAST_SUFFIX}"
+    if (path / "model_index.json").is_file() and \
+            read_model_index(path).get("_class_name") == "LatentConsistencyModelPipeline":
+        return path
+    fast = sorted(p.name[:-len(FAST_SUFFIX)] for p in BUNDLED.glob(f"*{FAST_SUFFIX}") if p.is_dir())
+    raise ValueError(f"--fast: {model or 'shapes'!r} has no few-step (LCM) version; bundled models with one: "
+                     f"{', '.join(fast) or 'none'}; or pass a LatentConsistencyModelPipeline folder as --model")
+
+
 # --- the transformer families (DiT, SD3, FLUX) ---------------------------------------------------------------
 
 
