@@ -370,3 +370,26 @@ def wan_i2v_pipeline():
 def wan_i2v_folder(tmp) -> Path:
     """wan_i2v_pipeline() saved to `tmp` (FlowMatchEuler, shift 7)."""
     return _save(wan_i2v_pipeline(), tmp)
+
+
+def sd_folder(tmp) -> Path:
+    """A tiny SD 1.x-layout StableDiffusionPipeline: two down blocks (cross-attention, then plain), 1x1-conv
+    proj_in/out (use_linear_projection False, as SD 1.x), 32 norm groups, the tiny CLIP above, DDIM."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(32, 64), cross_attention_dim=32, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64),
+                        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**CLIP_CONFIG))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    return _save(pipe, tmp)

@@ -41,6 +41,7 @@ def _generate(args) -> None:
                                     prediction_type=args.prediction_type, offload=args.offload,
                                     safety_checker=_safety_option(args), **files)
     _configure_safety(pipe, args)
+    prompt, negative = _apply_loras(pipe, args, args.prompt, args.negative)
     video = _is_video(pipe)
     out, fps = _video_out(args) if video else (Path(args.out), None)
     if not video:
@@ -54,7 +55,7 @@ def _generate(args) -> None:
         pipe.vae.enable_tiling()
     seeds = _seeds(args.seed, args.num_images)
     handoff = {"denoising_end": args.refiner_switch_at} if args.refiner else {}
-    result = pipe(args.prompt, negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance,
+    result = pipe(prompt, negative_prompt=negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
                   seed=seeds, num_images=args.num_images, clip_skip=args.clip_skip,
                   **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args), **handoff)
@@ -67,6 +68,34 @@ def _generate(args) -> None:
         path = out if len(result.images) == 1 else out.with_name(f"{out.stem}-{i}{out.suffix}")
         _save(image, result, i, path)
         print(f"wrote {path} (seed {result.params['seeds'][i]})")
+
+
+def _apply_loras(pipe, args, prompt, negative, recorded=()):
+    """--lora FILE[:TE[:UNET]] (repeatable), the LoRAs an image recorded (--from) and the prompt's
+    <lora:name:te:unet> tags (files in --lora-dir), merged into the pipeline; returns the prompt and negative
+    prompt without their tags (A1111 removes them from both; the positive prompt's pick the LoRAs)."""
+    from .lora import LoraUse, find_lora, parse_lora_option, prompt_loras, read_lora
+    from .prompt_syntax import extract_networks
+
+    uses = []
+    for value in args.lora or []:
+        path, text, unet = parse_lora_option(value)
+        uses.append(LoraUse(read_lora(path), text, unet))
+    for record in recorded:
+        path = record.get("path")
+        if not (path and Path(path).is_file()):
+            if args.lora_dir is None:
+                raise ValueError(f"--from: the image was made with LoRA {record['name']!r} ({path}), which is not "
+                                 f"there; pass --lora-dir")
+            path = find_lora(record["name"], args.lora_dir)
+        uses.append(LoraUse(read_lora(path, name=record["name"]), record["text"], record["unet"]))
+    many = isinstance(prompt, list)
+    prompts, tagged = prompt_loras(prompt if many else [prompt], args.lora_dir)
+    negatives = negative if isinstance(negative, list) else [negative]
+    negatives = [extract_networks(n)[0] if isinstance(n, str) else n for n in negatives]
+    if uses or tagged:
+        pipe.set_loras(uses + tagged)
+    return (prompts if many else prompts[0]), (negatives if isinstance(negative, list) else negatives[0])
 
 
 def _refine(args, first, seeds):
@@ -252,6 +281,8 @@ def _regenerate(args) -> None:
     if request.get("model_hash") and pipe.source is not None and model_hash(pipe.source) != request["model_hash"]:
         print(f"warning: model hash {model_hash(pipe.source)} differs from the image's {request['model_hash']}: "
               f"the image will differ", file=sys.stderr)
+    kwargs["prompt"], kwargs["negative_prompt"] = _apply_loras(pipe, args, kwargs["prompt"],
+                                                                kwargs.get("negative_prompt"), request.get("loras") or ())
     result = pipe(**kwargs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     _save(result.images[index], result, index, args.out)
@@ -574,6 +605,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--fast", action="store_true", help="the model's few-step version: a bundled model's "
                      "latent consistency distillation (NAME-lcm; 4 steps of the lcm sampler)")
     gen.add_argument("--negative", default=None, help="negative prompt")
+    gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET]]",
+                     help="a LoRA / LyCORIS .safetensors (kohya / A1111 or diffusers / PEFT) merged at strength W "
+                          "(default 1), or W for the text encoders and UNET for the UNet / transformer; repeatable")
+    gen.add_argument("--lora-dir", default=None, metavar="DIR",
+                     help="where the prompt's <lora:name:weight> tags find their files (NAME.safetensors)")
     gen.add_argument("--steps", type=int, default=None, help="default: the model family's (SD 30, SD3/FLUX dev 28, "
                      "FLUX schnell 4, DiT 50)")
     gen.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the family's: SD 7.5, "

@@ -122,6 +122,7 @@ def sampler_label(sampler: str, schedule: str = "default", options: dict | None 
 def infotext(params: dict) -> str:
     """A1111's "parameters" text for one image (params of one image, or of a generation of one image)."""
     p = image_params(params)
+    loras = p.get("loras") or []
     fields = {"Steps": p.get("steps")}
     if p.get("sampler"):
         fields["Sampler"], fields["Schedule type"] = sampler_label(p["sampler"], p.get("schedule") or "default",
@@ -140,11 +141,21 @@ def infotext(params: dict) -> str:
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer as 1 (reverie.models.text)
         "CFG Rescale": p.get("guidance_rescale") or None,
         "NSFW": "flagged" if p.get("nsfw") else None,
+        "Lora hashes": ", ".join(f"{l['name']}: {l['hash']}" for l in loras if l.get("hash")) or None,
         "Version": f"reverie {_version()}",
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
     negative = f"\nNegative prompt: {p['negative_prompt']}" if p.get("negative_prompt") else ""
-    return f"{p['prompt']}{negative}\n{line}".strip()
+    return f"{_with_lora_tags(p['prompt'], loras)}{negative}\n{line}".strip()
+
+
+def _with_lora_tags(prompt, loras: list[dict]):
+    """The prompt as A1111 writes it: the merged LoRAs as <lora:name:te[:unet]> tags, where the text has none."""
+    if not loras or not isinstance(prompt, str) or "<lora:" in prompt:
+        return prompt
+    tags = [f"<lora:{l['name']}:{l['text']:g}" + (f":{l['unet']:g}>" if l["unet"] != l["text"] else ">")
+            for l in loras]
+    return " ".join([prompt, *tags])
 
 
 def parse_infotext(text: str) -> dict:
@@ -223,7 +234,7 @@ FAMILY_OPTIONS = ("shift", "max_sequence_length", "true_cfg_scale", "skip_guidan
 REPRODUCED = ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale", "sampler", "schedule",
               "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch", *FAMILY_OPTIONS)
 INFORMATIONAL = ("model", "model_hash", "nsfw", "reverie_version", "dtype", "device", "family", "variant",
-                 "distilled_guidance")
+                 "distilled_guidance", "loras")  # loras: merged by the caller (Pipeline.set_loras) before the call
 
 
 def _sampler_name(sampler: str, schedule: str, options: dict) -> str:

@@ -174,6 +174,22 @@ class Pipeline:
                 module_dtype = self.vae_dtype if key == "vae" else dtype
                 to_keeping_fp8(module, "cpu" if offload else self.device, module_dtype).eval().requires_grad_(False)
 
+    # --- adapters ------------------------------------------------------------------------------------
+
+    def set_loras(self, loras) -> None:
+        """Merge LoRA / LyCORIS adapters into the weights, replacing the set merged before; [] restores the
+        weights exactly. Items: reverie.lora.LoraUse, a LoRA or file, (file, strength) or (file, text, unet)
+        strengths. A file that does not fit this model changes nothing (reverie.lora)."""
+        from .lora import set_loras
+
+        set_loras(self, loras)
+
+    @property
+    def loras(self) -> list:
+        """The merged LoRAs (reverie.lora.LoraUse), in the order they were given."""
+        state = self.__dict__.get("_lora_state")
+        return list(state.active) if state else []
+
     # --- loading and saving -------------------------------------------------------------------------
 
     @classmethod
@@ -293,6 +309,10 @@ class Pipeline:
         result.nsfw = nsfw
         result.params.update(nsfw=nsfw, seed_per_image=isinstance(seed, (list, tuple)) or len(nsfw) == 1,
                              model_hash=model_hash(self.source) if self.source is not None else None)
+        if self.loras:
+            from .lora import lora_record
+
+            result.params["loras"] = [lora_record(use) for use in self.loras]
         return result
 
     # --- generation ---------------------------------------------------------------------------------
