@@ -70,13 +70,28 @@ def _generate(args) -> None:
         print(f"wrote {path} (seed {result.params['seeds'][i]})")
 
 
-def _apply_loras(pipe, args, prompt, negative, recorded=()):
-    """--lora FILE[:TE[:UNET]] (repeatable), the LoRAs an image recorded (--from) and the prompt's
-    <lora:name:te:unet> tags (files in --lora-dir), merged into the pipeline; returns the prompt and negative
-    prompt without their tags (A1111 removes them from both; the positive prompt's pick the LoRAs)."""
+def _apply_loras(pipe, args, prompt, negative, recorded=(), embeddings=()):
+    """--embedding files / folders and those an image recorded; --lora FILE[:TE[:UNET]] (repeatable), the LoRAs an
+    image recorded (--from) and the prompt's <lora:name:te:unet> tags (files in --lora-dir), merged into the
+    pipeline. Returns the prompt and negative prompt without their tags (A1111 removes them from both; the
+    positive prompt's pick the LoRAs)."""
     from .lora import LoraUse, find_lora, parse_lora_option, prompt_loras, read_lora
     from .prompt_syntax import extract_networks
 
+    from .embeddings import embedding_files
+
+    for source in args.embedding or []:
+        for file in embedding_files(source):
+            if file.suffix != ".safetensors" and not args.allow_pickle and Path(source).is_dir():
+                print(f"note: {file} skipped: a pickle (--allow-pickle opens it)", file=sys.stderr)
+                continue
+            pipe.load_embedding(file, allow_pickle=args.allow_pickle)
+    for record in embeddings:
+        if record["name"] not in pipe.__dict__.get("embeddings", {}):
+            if not Path(record.get("path") or "").is_file():
+                raise ValueError(f"--from: the image used embedding {record['name']!r} ({record.get('path')}), "
+                                 f"which is not there; pass --embedding")
+            pipe.load_embedding(record["path"], name=record["name"], allow_pickle=args.allow_pickle)
     uses = []
     for value in args.lora or []:
         path, text, unet = parse_lora_option(value)
@@ -282,7 +297,8 @@ def _regenerate(args) -> None:
         print(f"warning: model hash {model_hash(pipe.source)} differs from the image's {request['model_hash']}: "
               f"the image will differ", file=sys.stderr)
     kwargs["prompt"], kwargs["negative_prompt"] = _apply_loras(pipe, args, kwargs["prompt"],
-                                                                kwargs.get("negative_prompt"), request.get("loras") or ())
+                                                                kwargs.get("negative_prompt"), request.get("loras") or (),
+                                                                request.get("embeddings") or ())
     result = pipe(**kwargs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     _save(result.images[index], result, index, args.out)
@@ -608,6 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET]]",
                      help="a LoRA / LyCORIS .safetensors (kohya / A1111 or diffusers / PEFT) merged at strength W "
                           "(default 1), or W for the text encoders and UNET for the UNet / transformer; repeatable")
+    gen.add_argument("--embedding", action="append", default=[], metavar="FILE_OR_DIR",
+                     help="textual-inversion embeddings (A1111 / kohya / diffusers / SDXL files, or a folder of "
+                          "them), used where a prompt or negative prompt names them (the file's stem); repeatable")
     gen.add_argument("--lora-dir", default=None, metavar="DIR",
                      help="where the prompt's <lora:name:weight> tags find their files (NAME.safetensors)")
     gen.add_argument("--steps", type=int, default=None, help="default: the model family's (SD 30, SD3/FLUX dev 28, "

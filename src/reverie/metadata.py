@@ -142,6 +142,8 @@ def infotext(params: dict) -> str:
         "CFG Rescale": p.get("guidance_rescale") or None,
         "NSFW": "flagged" if p.get("nsfw") else None,
         "Lora hashes": ", ".join(f"{l['name']}: {l['hash']}" for l in loras if l.get("hash")) or None,
+        "TI hashes": ", ".join(f"{e['name']}: {e['hash']}" for e in p.get("embeddings") or [] if e.get("hash"))
+        or None,
         "Version": f"reverie {_version()}",
     }
     line = ", ".join(f"{k}: {_quote(v)}" for k, v in fields.items() if v is not None)
@@ -234,7 +236,7 @@ FAMILY_OPTIONS = ("shift", "max_sequence_length", "true_cfg_scale", "skip_guidan
 REPRODUCED = ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale", "sampler", "schedule",
               "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch", *FAMILY_OPTIONS)
 INFORMATIONAL = ("model", "model_hash", "nsfw", "reverie_version", "dtype", "device", "family", "variant",
-                 "distilled_guidance", "loras")  # loras: merged by the caller (Pipeline.set_loras) before the call
+                 "distilled_guidance", "loras", "embeddings")  # loaded by the caller (set_loras, load_embedding)
 
 
 def _sampler_name(sampler: str, schedule: str, options: dict) -> str:

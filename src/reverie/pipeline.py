@@ -184,6 +184,16 @@ class Pipeline:
 
         set_loras(self, loras)
 
+    def load_embedding(self, source, *, name: str | None = None, allow_pickle: bool = False) -> str:
+        """Add a textual-inversion embedding (A1111, kohya, diffusers or SDXL clip_l / clip_g file) to the CLIP
+        text encoders; prompts and negative prompts then use it by name (the file's stem unless `name`).
+        Returns the name (reverie.embeddings)."""
+        from .embeddings import load_embedding
+
+        name = load_embedding(self, source, name=name, allow_pickle=allow_pickle)
+        self.__dict__.setdefault("embeddings", {})[name] = Path(source)
+        return name
+
     @property
     def loras(self) -> list:
         """The merged LoRAs (reverie.lora.LoraUse), in the order they were given."""
@@ -313,6 +323,13 @@ class Pipeline:
             from .lora import lora_record
 
             result.params["loras"] = [lora_record(use) for use in self.loras]
+        texts = " ".join(str(p) for key in ("prompt", "negative_prompt") for p in result.params.get(key) or [] if p)
+        used = {name: path for name, path in self.__dict__.get("embeddings", {}).items() if name in texts}
+        if used:
+            from .lora import lora_hash
+
+            result.params["embeddings"] = [{"name": name, "path": str(path), "hash": lora_hash(path)
+                                            if path.suffix == ".safetensors" else None} for name, path in used.items()]
         return result
 
     # --- generation ---------------------------------------------------------------------------------

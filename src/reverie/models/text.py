@@ -171,6 +171,30 @@ class TextEncoder(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.text_model.dtype
 
+    # ---------------------------------------------------------------- textual inversion (reverie.embeddings)
+
+    def add_embedding(self, name: str, vectors: Tensor) -> None:
+        """New tokens NAME, NAME_1, ..., NAME_{n-1} whose embedding rows are `vectors` (n, D); a prompt's NAME
+        then reads as all n (diffusers' load_textual_inversion and maybe_convert_prompt)."""
+        tokens = [name] + [f"{name}_{i}" for i in range(1, len(vectors))]
+        self.tokenizer.add_tokens(tokens)
+        ids = self.tokenizer.convert_tokens_to_ids(tokens)
+        table = self.text_model.get_input_embeddings()
+        if max(ids) >= table.num_embeddings:
+            self.text_model.resize_token_embeddings(max(ids) + 1)
+            table = self.text_model.get_input_embeddings()
+        with torch.no_grad():
+            table.weight[ids] = vectors.to(table.weight.dtype).to(table.weight.device)
+        self.__dict__.setdefault("expansions", {})[name] = " ".join(tokens)
+
+    def expand_embeddings(self, prompts: list[str]) -> list[str]:
+        """Each loaded embedding's NAME written out as its n tokens (a plain replace, as diffusers does)."""
+        expansions = self.__dict__.get("expansions") or {}
+        for name, tokens in expansions.items():
+            if tokens != name:
+                prompts = [p.replace(name, tokens) for p in prompts]
+        return prompts
+
     # ---------------------------------------------------------------- encoding
 
     def tokenize(self, prompt: str | list[str]) -> Tensor:
@@ -179,7 +203,7 @@ class TextEncoder(nn.Module):
         Every prompt gets the batch's largest chunk count k (at least 1); a chunk with no tokens left is
         BOS + EOS + padding, i.e. the chunk of the empty prompt (A1111's behaviour).
         """
-        prompts = check_prompts(prompt)
+        prompts = self.expand_embeddings(check_prompts(prompt))
         # verbose=False: long prompts are chunked below, so transformers' "too long" warning does not apply.
         ids = self.tokenizer(prompts, add_special_tokens=False, truncation=False, verbose=False).input_ids
         width = self.max_length - 2
@@ -235,7 +259,7 @@ class TextEncoder(nn.Module):
         """Prompts -> (B, max_length) ids as SDXL/SD3/FLUX pipelines tokenize: BOS + at most max_length - 2 tokens
         + EOS, padded to max_length (`padding="max_length", truncation=True`). A longer prompt loses its tail
         with a warning (warnings.warn) naming how many tokens were dropped, as diffusers logs one."""
-        prompts = check_prompts(prompt)
+        prompts = self.expand_embeddings(check_prompts(prompt))
         L = self.max_length
         ids = self.tokenizer(prompts, padding="max_length", max_length=L, truncation=True, return_tensors="pt")
         full = self.tokenizer(prompts, truncation=False, verbose=False).input_ids
