@@ -143,6 +143,16 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                      filename=str(pipe.source) if pipe.source is not None else name, config=None,
                      family=pipe.family.name) for name, pipe in engine.models.items()]
 
+    @api.get("/loras")
+    def loras() -> list[dict]:
+        """The LoRAs of the server's --lora-dir (name, alias, path, metadata), for <lora:name:weight> tags."""
+        return engine.loras.listing()
+
+    @api.post("/refresh-loras")
+    def refresh_loras() -> None:
+        """Scan the LoRA folder again."""
+        engine.loras.refresh()
+
     @api.get("/options")
     def options() -> dict:
         """The A1111 options reverie has: the current checkpoint."""

@@ -23,6 +23,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--controlnet", action="append", default=[], metavar="NAME=FOLDER",
                         help="a ControlNet requests can pick by control_type (repeatable; default: the model's "
                              "bundled ones, e.g. shapes-segmentation as segmentation)")
+    parser.add_argument("--lora-dir", default=None, metavar="DIR",
+                        help="LoRA files requests name with <lora:name:weight> in their prompt (listed at "
+                             "/sdapi/v1/loras)")
     parser.add_argument("--max-queue", type=int, default=64, help="queued jobs before 429 (default: 64)")
     parser.add_argument("--max-batch", type=int, default=8, help="images per forward pass; 1 turns batching off")
     parser.add_argument("--batch-window", type=float, default=0.1,
@@ -68,7 +71,8 @@ def serve(args, name: str, load) -> None:
         controlnets[key] = folder
     configure_logging(args.log_level)
     engine = Engine({name: load}, args.out, controlnets=controlnets, max_queue=args.max_queue,
-                    max_batch=args.max_batch, batch_window_s=args.batch_window, timeout_s=args.timeout).start()
+                    max_batch=args.max_batch, batch_window_s=args.batch_window, timeout_s=args.timeout,
+                    lora_dir=args.lora_dir).start()
     app = create_app(engine, api_key=api_key)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None, access_log=True,
                             timeout_graceful_shutdown=args.grace)

@@ -41,6 +41,7 @@ from ..pipeline import MAX_SEED, Pipeline, to_pil
 from ..video_io import has_pyav
 from . import family as families
 from .job import BYTES_FIELDS, FINAL, Cancelled, FieldError, Job, Rejected, Request, final_data
+from .loras import LoraLibrary
 from .metrics import BATCH_BUCKETS, Metrics
 from .store import JOB_ID, JobStore
 
@@ -64,7 +65,7 @@ class Engine:
 
     def __init__(self, models: dict, out_dir, *, controlnets: dict | None = None, max_queue: int = 64, max_batch: int = 8,
                  batch_window_s: float = 0.1, timeout_s: float = 600.0, preview_interval_s: float = 0.0,
-                 finished_in_memory: int = 1000):
+                 finished_in_memory: int = 1000, lora_dir=None):
         if not models:
             raise ValueError("models: give at least one model (name -> Pipeline or loader)")
         for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
@@ -73,6 +74,7 @@ class Engine:
         self._sources, self.models = dict(models), {}
         self.default_model = next(iter(models))
         self.controlnets = dict(controlnets or {})
+        self.loras = LoraLibrary(lora_dir)
         self.store = JobStore(out_dir)
         self.max_queue, self.max_batch, self.batch_window_s = max_queue, max_batch, batch_window_s
         self.timeout_s, self.preview_interval_s = timeout_s, preview_interval_s
@@ -253,6 +255,8 @@ class Engine:
                 raise FieldError(name, f"must be a multiple of {factor} for this {pipe.family.name} model; got {value}")
         families.sampler_choice(pipe, request.sampler, request.scheduler)
         families.check(pipe, request, self.video_format)
+        prompt, negative, loras = self.loras.read_prompt(pipe, request.prompt, request.negative_prompt, request.loras)
+        request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative, loras=loras or None)
         if request.steps > pipe.schedule.num_train_timesteps:
             raise FieldError("steps", f"must be <= {pipe.schedule.num_train_timesteps}; got {request.steps}")
         for name in BYTES_FIELDS:
@@ -416,14 +420,16 @@ class Engine:
         """Jobs with equal keys share forward passes: same model, size, sampler, schedule, steps and shift, the
         same conditioning shape and call-wide family settings (family.conditioning_key: SD's prompt chunk count,
         SD3's and FLUX's max_sequence_length, FLUX's distilled guidance and true_cfg_scale), for edits the
-        same edit settings (_edit_key), and the same refiner, switch point and refiner conditioning shape."""
+        same edit settings (_edit_key), the same refiner, switch point and refiner conditioning shape, and the same
+        LoRAs (they are merged into the weights: reverie.lora)."""
         if job.key is None:
             r = job.request
             pipe = self.models[r.model]
             refiner = () if r.refiner is None else (
                 r.refiner, r.refiner_switch_at, families.conditioning_key(self.models[r.refiner], r))
             job.key = (r.model, r.width, r.height, families.sampler_choice(pipe, r.sampler, r.scheduler), r.steps,
-                       r.shift, families.conditioning_key(pipe, r), _edit_key(r), refiner)
+                       r.shift, families.conditioning_key(pipe, r), _edit_key(r), refiner,
+                       tuple(tuple(item) for item in r.loras or ()))
         return job.key
 
     def _expire_queued(self) -> None:  # holding self._cond
@@ -507,6 +513,9 @@ class Engine:
                       guidance_scale=scales if len(set(scales)) > 1 else scales[0])
         if r0.refiner is not None:
             kwargs["denoising_end"] = r0.refiner_switch_at
+        wanted = self.loras.uses(r0.loras)  # equal for the batch (_key); merged only when the set changes
+        if [(id(u.lora), u.text, u.unet) for u in wanted] != [(id(u.lora), u.text, u.unet) for u in pipe.loras]:
+            pipe.set_loras(wanted)
         result = pipe(prompts, sampler=r0.sampler, scheduler=r0.scheduler, width=r0.width, height=r0.height,
                       **common, **kwargs)
         if r0.refiner is not None:

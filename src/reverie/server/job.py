@@ -66,6 +66,8 @@ class Request:
     true_cfg_scale: float | None = None  # FLUX: classifier-free guidance against the negative prompt when > 1
     skip_guidance_layers: list[int] | None = None  # SD3.5: skip-layer guidance on these transformer blocks
     skip_layer_guidance_scale: float | None = None  # SD3.5: its scale (None: 2.8, diffusers' default)
+    loras: list | None = None  # [[name, text strength, unet strength], ...] from the server's --lora-dir; the
+    # prompt's <lora:name:te:unet> tags are read into it (and removed from the prompt) when the request is prepared
     preview: bool = False  # stream decoded previews with the progress events
     timeout_s: float | None = None  # the job's deadline (queue wait + run); the engine's default caps it
 
