@@ -51,7 +51,7 @@ def _check_item(item, resolution=64):
 def test_make_dataset_builds_each_and_rejects_unknown_names_and_options(tmp_path):
     Image.new("RGB", (10, 10), "red").save(tmp_path / "a.png")
     options = {"shapes": {"size": 3}, "moving_shapes": {"size": 3, "frames": 4}, "emoji": {"names": ["red apple"]},
-               "digits": {}, "folder": {"root": tmp_path}}
+               "digits": {}, "folder": {"root": tmp_path}, "stars": {"size": 2, "shapes": 1}}
     for name, cls in DATASETS.items():
         dataset = make_dataset(name, seed=0, resolution=32, **options[name])
         assert isinstance(dataset, cls)
@@ -307,3 +307,17 @@ def test_emoji_the_font_cannot_draw_are_skipped_and_counted(tmp_path):
     (tmp_path / "emoji-test.txt").write_text("# group: Food\n" + "\n".join(lines) + "\n", encoding="utf-8")
     dataset = _emoji(names_path=tmp_path / "emoji-test.txt")
     assert dataset.captions == ["red apple"] and dataset.skipped_names == ["private glyph", "dog apple"]
+
+
+def test_stars_and_their_analyzer():
+    """The purple star the LoRA example teaches: its own images all read as purple stars, none of the shapes
+    data set's images does (one or two circles, squares, triangles), and the prior images follow the stars."""
+    from reverie.data.stars import StarsDataset, score_star
+
+    stars = StarsDataset(size=40, shapes=3, seed=0)
+    assert len(stars) == 43 and all(score_star(stars.image(i))["fully_correct"] for i in range(40))
+    assert all("purple star" in stars.caption(i) for i in range(40))
+    assert stars.caption(40) == ShapesDataset(size=3, seed=1).captions[0]
+    shapes = ShapesDataset(size=120, seed=5)
+    assert not any(score_star(shapes.image(i))["shape"] or score_star(shapes.image(i))["color"] for i in range(120))
+    assert score_star(Image.new("RGB", (64, 64), "white")) == {"color": False, "shape": False, "fully_correct": False}

@@ -371,7 +371,14 @@ def _eval(args) -> None:
     from .pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device)
+    if args.lora:
+        from .lora import LoraUse, parse_lora_option, read_lora
+
+        pipe.set_loras([LoraUse(read_lora(path), te, unet) for path, te, unet in map(parse_lora_option, args.lora)])
     data = args.data or ("emoji" if args.model == "emoji" else None)
+    if data == "stars":
+        _eval_stars(args, pipe)
+        return
     if data == "emoji":
         _eval_emoji(args, pipe)
         return
@@ -410,6 +417,28 @@ def _eval(args) -> None:
           f"{args.steps} steps, guidance {args.guidance}:")
     for key, value in scores.items():
         print(f"  {key:24s} {value:.3f}" if isinstance(value, float) else f"  {key:24s} {value}")
+
+
+def _eval_stars(args, pipe) -> None:
+    """The purple star (reverie.data.stars): captions of a seed the LoRA run never used, read by score_star."""
+    from .data.stars import StarsDataset, score_star
+    from .eval.plot import image_grid
+
+    captions = [StarsDataset(size=args.n, seed=1000 + args.caption_seed).caption(i) for i in range(args.n)]
+    scores, images = [], []
+    for start in range(0, len(captions), 16):
+        batch = captions[start:start + 16]
+        result = pipe(batch, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
+                      seed=[args.seed + start + i for i in range(len(batch))], progress=False)
+        scores += [score_star(im) for im in result.images]
+        images += result.images[:max(0, 16 - len(images))]
+    print(f"purple-star adherence, {len(captions)} captions, {args.sampler}, {args.steps} steps, guidance "
+          f"{args.guidance}:")
+    for key in ("color", "shape", "fully_correct"):
+        print(f"  {key:24s} {sum(s[key] for s in scores) / len(scores):.3f}")
+    if args.plot:
+        image_grid(images, 8).save(args.plot)
+        print(f"wrote {args.plot}: the first {len(images)} images")
 
 
 def _eval_prompt(args, pipe) -> None:
@@ -683,9 +712,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="score a shapes model's prompt adherence with the shapes analyzer, a video "
                                      "model's on moving shapes, or an emoji model's FID and nearest training images")
     ev.add_argument("--model", help="a bundled model's name (shapes, the default, or emoji) or a model folder")
-    ev.add_argument("--data", choices=["shapes", "moving_shapes", "emoji"], default=None,
+    ev.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET]]",
+                    help="score with this LoRA merged (repeatable)")
+    ev.add_argument("--data", choices=["shapes", "moving_shapes", "stars", "emoji"], default=None,
                     help="shapes: prompt adherence read by the shapes analyzer; moving_shapes: a video model's, read "
-                         "by the clip analyzer; emoji: FID, nearest training images and (with --plot) a sample grid "
+                         "by the clip analyzer; stars: the purple star a LoRA teaches (reverie.data.stars); "
+                         "emoji: FID, nearest training images and (with --plot) a sample grid "
                          "(default: emoji for --model emoji, moving_shapes for a video model, else shapes)")
     ev.add_argument("--frames", type=int, default=None, help="moving_shapes: frames per clip (default: 16; Wan "
                                                              "models take 1 + 4k, e.g. 17)")

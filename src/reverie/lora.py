@@ -211,7 +211,13 @@ def _apply_peft_alphas(adapters: dict[str, Adapter], metadata: dict[str, str]) -
     if not raw:
         return
     configs = json.loads(raw)
-    if "lora_alpha" in configs or "r" in configs:  # one config for the whole file
+    if any("." in key for key in configs):  # diffusers' save_lora_weights: "unet.lora_alpha", "unet.r", ...
+        grouped: dict[str, dict] = {}
+        for key, value in configs.items():
+            prefix, _, name = key.rpartition(".")
+            grouped.setdefault(prefix, {})[name] = value
+        configs = grouped
+    elif "lora_alpha" in configs or "r" in configs:  # one config for the whole file
         configs = {"": configs}
     for prefix, config in configs.items():
         if not isinstance(config, dict):

@@ -4,6 +4,7 @@ items are {"video": FloatTensor (3, frames, H, W), "caption": str}.
 
     shapes         procedural coloured shapes with spatial relations, and a held-out split (reverie.data.shapes)
     moving_shapes  clips of moving, growing, turning shapes, and a held-out split (reverie.data.moving_shapes)
+    stars          a purple star, a concept the shapes model lacks, for LoRA training (reverie.data.stars)
     emoji          every Noto Color Emoji glyph with its CLDR name (needs scripts/install_system_deps.sh)
     digits         scikit-learn's 8x8 handwritten digits, "the digit 7" (needs scikit-learn)
     folder         a user's image folder with metadata.jsonl or .txt captions
@@ -19,6 +20,7 @@ from .digits import DigitsDataset
 from .emoji import EmojiDataset
 from .folder import FolderDataset, to_tensor
 from .moving_shapes import MovingShapesDataset, parse_video_caption
+from .stars import StarsDataset
 from .shapes import (
     ShapeObject,
     ShapesDataset,
@@ -28,7 +30,7 @@ from .shapes import (
     parse_caption,
 )
 
-DATASETS = {"shapes": ShapesDataset, "moving_shapes": MovingShapesDataset, "emoji": EmojiDataset,
+DATASETS = {"shapes": ShapesDataset, "moving_shapes": MovingShapesDataset, "stars": StarsDataset, "emoji": EmojiDataset,
             "digits": DigitsDataset, "folder": FolderDataset}
 
 

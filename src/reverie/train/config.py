@@ -18,7 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-KINDS = ("vae", "unet", "mmdit", "controlnet", "lcm", "video")
+KINDS = ("vae", "unet", "mmdit", "controlnet", "lcm", "video", "lora")
 PREDICTIONS = ("epsilon", "v_prediction", "sample")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 MIXED_PRECISION = ("no", "bf16", "fp16")
@@ -46,7 +46,8 @@ class ModelConfig:
     kind: str = "unet"  # what is trained: "vae" (the autoencoder), "unet" (latent denoiser, + text encoder),
     #                     "mmdit" (a rectified-flow MMDiT, + text encoder), "controlnet" (a ControlNet for the
     #                     frozen model.base_model), "lcm" (a Latent Consistency Model distilled from model.base_model)
-    #                     or "video" (a rectified-flow Wan transformer on clips, + text encoder)
+    #                     "video" (a rectified-flow Wan transformer on clips, + text encoder) or "lora" (low-rank
+    #                     adapters for the frozen model.base_model: reverie.train.lora)
     vae_preset: str = "small-f8"  # vae runs: architecture, a name in reverie.models.vae.VAE_PRESETS
     vae_path: str = ""  # unet runs: the frozen VAE (a vae run's output dir, a vae/ folder or a pipeline); vae runs: start from it
     unet_preset: str = "small"  # unet runs: UNET_PRESETS name; channels and text width adapt to the VAE and encoder
@@ -68,8 +69,13 @@ class ModelConfig:
     text_heads: int = 4  # from scratch: attention heads
     text_max_length: int = 77  # from scratch and BERT-family encoders: tokens per prompt, BOS and EOS included
     vocab_size: int = 1024  # from scratch: BPE vocabulary trained on the data set's captions (>= 514)
-    base_model: str = ""  # controlnet and lcm runs: the frozen text-to-image model (a diffusers folder or a bundled
+    base_model: str = ""  # controlnet, lcm and lora runs: the frozen text-to-image model (a diffusers folder or a bundled
     #                       name); lcm runs distil it (its UNet is the teacher and the student's init)
+    lora_rank: int = 4  # lora runs: the adapters' rank r
+    lora_alpha: float | None = None  # lora runs: the update is scaled by alpha / r (None: alpha = r, scale 1)
+    lora_targets: list[str] = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])  # lora runs:
+    #                       the UNet Linears whose paths end with one of these get adapters
+    lora_text: bool = False  # lora runs: adapters on the text encoder's attention projections too
     lcm_w_embedding_dim: int = 256  # lcm runs: the student's time_cond_proj_dim (width of the w-embedding)
     control_type: str = "segmentation"  # controlnet runs: the control derived from each image (segmentation | canny)
 

@@ -827,7 +827,8 @@ class ControlNetTask(UNetTask):
         return path
 
 
-from .lcd import LCMDistillTask  # noqa: E402  (lcd.py builds on the classes above)
+from .lcd import LCMDistillTask  # noqa: E402  (lcd.py and lora.py build on the classes above)
+from .lora import LoraTask  # noqa: E402
 
 TASKS = {"vae": VAETask, "unet": UNetTask, "mmdit": MMDiTTask, "controlnet": ControlNetTask, "lcm": LCMDistillTask,
-         "video": VideoTask}
+         "video": VideoTask, "lora": LoraTask}
