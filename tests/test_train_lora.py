@@ -51,7 +51,9 @@ def test_adapters_start_as_the_base_and_only_they_get_gradients(base):
 
 
 def test_a_short_run_exports_both_formats_that_load_back(base, tmp_path):
-    result = train(lora_config(tmp_path / "run", base, "--model.lora_text=true"), dataset=Squares(size=16))
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]  # attention and the resnets' 3x3 convs (LoCon)
+    result = train(lora_config(tmp_path / "run", base, "--model.lora_text=true", f"--model.lora_targets={json.dumps(targets)}"),
+                   dataset=Squares(size=16))
     folder = result.export
     info = json.loads((folder / "lora.json").read_text())
     assert (info["rank"], info["alpha"], info["text_encoder"]) == (2, 3.0, True)
@@ -74,7 +76,8 @@ def test_a_short_run_exports_both_formats_that_load_back(base, tmp_path):
 
     # merging equals running the adapters: wrap a fresh base with LoraLinear layers holding the file's factors
     wrapped = Pipeline.from_pretrained(base).unet
-    layers = add_lora_layers(wrapped, ["to_q", "to_k", "to_v", "to_out.0"], 2, 3.0, "UNet")
+    layers = add_lora_layers(wrapped, targets, 2, 3.0, "UNet")
+    assert any(isinstance(layer.base, torch.nn.Conv2d) for layer in layers.values())
     for path, layer in layers.items():
         adapter = kohya.adapters[f"lora_unet_{path.replace('.', '_')}"]
         layer.down.weight.data.copy_(adapter.factors["down"].float())
@@ -96,7 +99,7 @@ def test_lora_task_errors(base, tmp_path):
     with pytest.raises(ValueError, match="model.base_model"):
         train(lora_config(tmp_path / "a", ""), dataset=Squares())
     with pytest.raises(ValueError, match="model.lora_targets"):
-        train(lora_config(tmp_path / "b", base, '--model.lora_targets=["conv1"]'), dataset=Squares())
+        train(lora_config(tmp_path / "b", base, '--model.lora_targets=["norm1"]'), dataset=Squares())
     with pytest.raises(ValueError, match="lora_rank"):
         train(lora_config(tmp_path / "c", base, "--model.lora_rank=0"), dataset=Squares())
     assert isinstance(LoraLinear(torch.nn.Linear(3, 4), 2, 2.0).up, torch.nn.Linear)

@@ -55,10 +55,23 @@ def _generate(args) -> None:
         pipe.vae.enable_tiling()
     seeds = _seeds(args.seed, args.num_images)
     handoff = {"denoising_end": args.refiner_switch_at} if args.refiner else {}
-    result = pipe(prompt, negative_prompt=negative, steps=args.steps, guidance_scale=args.guidance,
+    extras = dict(subseed=args.subseed, subseed_strength=args.subseed_strength) if args.subseed_strength else {}
+    if args.tiling:
+        extras["tiling"] = True
+    call = pipe
+    if args.hires_scale is not None:
+        from functools import partial
+
+        from .hires import hires_fix
+
+        if args.refiner:
+            raise ValueError("--hires-scale: not with --refiner")
+        call = partial(hires_fix, pipe, hr_scale=args.hires_scale, hr_upscaler=args.hires_upscaler,
+                       hr_second_pass_steps=args.hires_steps, denoising_strength=args.hires_strength)
+    result = call(prompt, negative_prompt=negative, steps=args.steps, guidance_scale=args.guidance,
                   sampler=args.sampler, scheduler=args.scheduler, width=args.width, height=args.height,
                   seed=seeds, num_images=args.num_images, clip_skip=args.clip_skip,
-                  **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args), **handoff)
+                  **_control_kwargs(args), **_edit_kwargs(args, pipe), **_family_kwargs(args), **handoff, **extras)
     if args.refiner:
         result = _refine(args, result, seeds)
     if video:
@@ -653,6 +666,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET]]",
                      help="a LoRA / LyCORIS .safetensors (kohya / A1111 or diffusers / PEFT) merged at strength W "
                           "(default 1), or W for the text encoders and UNET for the UNet / transformer; repeatable")
+    gen.add_argument("--hires-scale", type=float, default=None, metavar="S",
+                     help="A1111's hires fix: a second, img2img pass at S times the size (e.g. 2)")
+    gen.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (antialiased), Latent (bicubic), "
+                     "Latent (bicubic antialiased), Latent (nearest), Latent (nearest-exact), Lanczos or Nearest")
+    gen.add_argument("--hires-steps", type=int, default=0, help="steps of the hires pass (0: as the first)")
+    gen.add_argument("--hires-strength", type=float, default=0.7, help="denoising strength of the hires pass")
+    gen.add_argument("--subseed", type=int, default=None, help="A1111's variation seed")
+    gen.add_argument("--subseed-strength", type=float, default=0.0,
+                     help="how far the start noise moves towards the variation seed's (0-1)")
+    gen.add_argument("--tiling", action="store_true", help="seamless, tileable images (circular padding)")
     gen.add_argument("--embedding", action="append", default=[], metavar="FILE_OR_DIR",
                      help="textual-inversion embeddings (A1111 / kohya / diffusers / SDXL files, or a folder of "
                           "them), used where a prompt or negative prompt names them (the file's stem); repeatable")

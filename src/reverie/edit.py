@@ -255,6 +255,7 @@ class EditSource:
     strength: float = 0.75  # the fraction of the schedule to run, from the noised image
     fill: str = "original"  # what the masked area starts from (FILLS)
     params: dict | None = None  # the options, for GenerationResult.params
+    latents: Tensor | None = None  # (B, C, h, w): start from these latents, not the encoded image (hires fix)
 
     @property
     def width(self) -> int:
@@ -410,7 +411,10 @@ def plan_edit(source: EditSource, sigmas: Tensor, *, encode, generator, shape, d
     masked, factor = source.repaint is not None, source.height // shape[-2]
     pure_noise = inpaint_network and strength == 1
     image = fill_masked(source.image, source.repaint) if masked and source.fill == "fill" else source.image
-    init = None if pure_noise else _encode_source(encode, image.to(device), generator)
+    if source.latents is not None:  # already latents (A1111's latent upscalers): nothing to encode
+        init = source.latents.to(device, torch.float32)
+    else:
+        init = None if pure_noise else _encode_source(encode, image.to(device), generator)
     noise = randn(shape, generator, torch.device("cpu"), torch.float32) if noise is None else noise
     noise = noise.to(device, torch.float32)
     known, latent_mask = init, None  # known: the latents kept outside the mask (A1111: after "fill")

@@ -123,11 +123,14 @@ def infotext(params: dict) -> str:
     """A1111's "parameters" text for one image (params of one image, or of a generation of one image)."""
     p = image_params(params)
     loras = p.get("loras") or []
-    fields = {"Steps": p.get("steps")}
+    hires = p.get("hr_scale") is not None  # A1111 records the first pass's steps and size, then the hires pass's
+    fields = {"Steps": p.get("first_pass_steps") if hires else p.get("steps")}
     if p.get("sampler"):
         fields["Sampler"], fields["Schedule type"] = sampler_label(p["sampler"], p.get("schedule") or "default",
                                                                    p.get("sampler_options"))
     size = f"{p['width']}x{p['height']}" if p.get("width") and p.get("height") else None
+    if hires:
+        size = "x".join(map(str, p["hr_first_size"]))
     clip_skip = p.get("clip_skip")
     if p.get("family") == "flux":  # Forge: CFG scale is true CFG, the distilled guidance has its own key
         fields |= {"CFG scale": p.get("true_cfg_scale") or 1.0, "Distilled CFG Scale": p.get("distilled_guidance")}
@@ -137,6 +140,13 @@ def infotext(params: dict) -> str:
         "Shift": p.get("shift"), "Seed": p.get("seed"), "Size": size,
         "Model hash": p.get("model_hash"), "Model": p.get("model"), "Family": p.get("family"),
         "Denoising strength": p.get("strength"),
+        "Variation seed": p.get("subseed") if p.get("subseed_strength") else None,
+        "Variation seed strength": p.get("subseed_strength") or None,
+        "Hires upscale": p.get("hr_scale"), "Hires steps": p.get("hr_second_pass_steps") or None,
+        "Hires upscaler": p.get("hr_upscaler"),
+        "Hires resize": f"{p['hr_resize_x']}x{p['hr_resize_y']}" if p.get("hr_resize_x") or p.get("hr_resize_y")
+        else None,
+        "Tiling": True if p.get("tiling") else None,
         "Refiner": p.get("refiner"), "Refiner switch at": p.get("refiner_switch_at"),  # A1111's SDXL refiner
         "Clip skip": clip_skip + 1 if clip_skip else None,  # A1111 counts the last layer as 1 (reverie.models.text)
         "CFG Rescale": p.get("guidance_rescale") or None,
@@ -223,6 +233,9 @@ def request_from_infotext(info) -> dict:
         "width": _field(fields, "Size-1", int, "width"), "height": _field(fields, "Size-2", int, "height"),
         "clip_skip": clip - 1 if clip and clip > 1 else None,
         "strength": _field(fields, "Denoising strength", float, "strength"),
+        "subseed": _field(fields, "Variation seed", int, "subseed"),
+        "subseed_strength": _field(fields, "Variation seed strength", float, "subseed_strength"),
+        "tiling": True if fields.get("Tiling") == "True" else None,
         "model": fields.get("Model"), "model_hash": fields.get("Model hash"),
     }
     return {k: v for k, v in out.items() if v is not None or k in ("negative_prompt", "clip_skip")}
@@ -234,7 +247,8 @@ def request_from_infotext(info) -> dict:
 FAMILY_OPTIONS = ("shift", "max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale",
                   "skip_layer_guidance_start", "skip_layer_guidance_stop")  # Pipeline.__call__ keyword arguments
 REPRODUCED = ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale", "sampler", "schedule",
-              "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch", *FAMILY_OPTIONS)
+              "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch", "subseed",
+              "subseed_strength", "tiling", *FAMILY_OPTIONS)
 INFORMATIONAL = ("model", "model_hash", "nsfw", "reverie_version", "dtype", "device", "family", "variant",
                  "distilled_guidance", "loras", "embeddings")  # loaded by the caller (set_loras, load_embedding)
 
@@ -260,7 +274,8 @@ def generation_kwargs(request: dict) -> tuple[dict, int, list[str]]:
         scheduler = request["schedule"]
         sampler = _sampler_name(sampler, scheduler, request.get("sampler_options") or {})
     kwargs = {k: request[k] for k in ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale",
-                                      "width", "height", "seed", "clip_skip", *FAMILY_OPTIONS)
+                                      "width", "height", "seed", "clip_skip", "subseed", "subseed_strength",
+                                      "tiling", *FAMILY_OPTIONS)
               if request.get(k) is not None}
     kwargs |= {"sampler": sampler, "scheduler": scheduler}
     index, batch = 0, request.get("batch")

@@ -382,6 +382,21 @@ class Pipeline:
                             multiple=self.size_multiple, default_size=self.default_size, count=prompts,
                             repeats=num_images, **options)
 
+    def _latent_source(self, init_latents: Tensor, image, mask_image, strength, batch: int) -> edit.EditSource:
+        """img2img from given latents (reverie.hires): an EditSource holding them, with a blank image of their
+        pixel size for the bookkeeping."""
+        if image is not None or mask_image is not None:
+            raise ValueError("init_latents: give either init_latents or image / mask_image, not both")
+        if not isinstance(init_latents, Tensor) or init_latents.ndim != 4 or len(init_latents) not in (1, batch):
+            raise ValueError(f"init_latents must be a (1 or {batch}, C, h, w) tensor; got "
+                             f"{getattr(init_latents, 'shape', type(init_latents).__name__)}")
+        strength = edit.check_strength(0.75 if strength is None else strength)
+        latents = init_latents.float().expand(batch, -1, -1, -1).contiguous()
+        f = self.downsample_factor
+        blank = torch.zeros(batch, 3, latents.shape[-2] * f, latents.shape[-1] * f)
+        return edit.EditSource(blank, None, blank, None, None, strength, params=dict(strength=strength),
+                               latents=latents)
+
     def _start(self, sampling, source, sigmas: Tensor, choice, generator, latents, shape) -> edit.EditPlan:
         """Where sampling starts: noise at the first sigma (txt2img; `latents` is that noise), or the noised
         image on the tail of the schedule (reverie.edit.plan_edit; `latents` is the noise added)."""
@@ -463,16 +478,7 @@ class Pipeline:
             choice = dataclasses.replace(choice, schedule=resolve(choice.name, scheduler).schedule)
         return self.family.sampler_choice(choice)
 
-    def __call__(self, prompt, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
-                 sampler: str | None = None, width: int | None = None, height: int | None = None, seed=None,
-                 num_images: int = 1, latents: Tensor | None = None, *, scheduler: str | None = None,
-                 guidance_rescale: float = 0.0, clip_skip: int | None = None, callback=None, progress: bool = True,
-                 controlnet=None, control_image=None, controlnet_conditioning_scale=1.0,
-                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
-                 image=None, strength: float | None = None, mask_image=None, mask_blur: float = 4,
-                 inpaint_only_masked: bool = False, inpaint_padding: int = 32, fill="original",
-                 shift: float | None = None, denoising_end: float | None = None,
-                 denoising_start: float | None = None, **options) -> GenerationResult:
+    def __call__(self, prompt, *args, tiling: bool | None = None, **kwargs) -> GenerationResult:
         """Generate images. `prompt` is a string or a list (DiT: class ids or label names). steps,
         guidance_scale and sampler default to the family's (SD: 30, 7.5, "dpmpp_2m"; see each family).
         `sampler` is any name reverie.samplers.resolve accepts ("DPM++ 2M Karras", "euler",
@@ -490,6 +496,10 @@ class Pipeline:
         (pixels), inpaint_only_masked with inpaint_padding (pixels), fill ("original", "fill", "latent noise",
         "latent nothing").
 
+        init_latents ((B or 1, C, h, w)): img2img from these latents at `strength` instead of an encoded image (the
+        hires fix's latent upscalers, reverie.hires). subseed / subseed_strength: A1111's variation seed, the
+        start noise slerped from the seed's towards the subseed's (text-to-image; reverie.hires.variation_noise).
+
         denoising_end / denoising_start (fractions in (0, 1); diffusers' "ensemble of experts", e.g. SDXL base ->
         refiner at 0.8): denoising_end stops where the training timesteps fall below (1 - f) * T and returns the
         still-noisy latents in result.latents (params record their level); denoising_start takes such latents as
@@ -503,7 +513,44 @@ class Pipeline:
         prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size (and negative_*),
         aesthetic_score, negative_aesthetic_score (refiners); Wan num_frames, max_sequence_length (text-to-video:
         result.frames and result.videos hold the videos, result.images their first frames); Wan image-to-video the
-        same, with `image` its first frame (one PIL image or path, resized to width x height), not an edit."""
+        same, with `image` its first frame (one PIL image or path, resized to width x height), not an edit.
+
+        tiling: seamless images for this call (circular padding in every convolution: set_tiling); None keeps
+        the pipeline's setting."""
+        if tiling is None or bool(tiling) == self.tiling:
+            return self._generate(prompt, *args, **kwargs)
+        previous = self.tiling
+        self.set_tiling(bool(tiling))
+        try:
+            return self._generate(prompt, *args, **kwargs)
+        finally:
+            self.set_tiling(previous)
+
+    @property
+    def tiling(self) -> bool:
+        return self.__dict__.get("_tiling", False)
+
+    def set_tiling(self, enabled: bool) -> None:
+        """Seamless (tileable) images, as A1111's Tiling: every 2-D convolution of the network and the VAE pads
+        circularly instead of with zeros, so the image wraps around at its edges."""
+        for key in (self.family.network, "vae"):
+            for module in self.components[key].modules():
+                if isinstance(module, torch.nn.Conv2d) and any(module.padding):
+                    module.padding_mode = "circular" if enabled else "zeros"
+        self._tiling = bool(enabled)
+
+    def _generate(self, prompt, negative_prompt=None, steps: int | None = None, guidance_scale: float | None = None,
+                 sampler: str | None = None, width: int | None = None, height: int | None = None, seed=None,
+                 num_images: int = 1, latents: Tensor | None = None, *, scheduler: str | None = None,
+                 guidance_rescale: float = 0.0, clip_skip: int | None = None, callback=None, progress: bool = True,
+                 controlnet=None, control_image=None, controlnet_conditioning_scale=1.0,
+                 control_guidance_start=0.0, control_guidance_end=1.0, guess_mode: bool = False,
+                 image=None, strength: float | None = None, mask_image=None, mask_blur: float = 4,
+                 inpaint_only_masked: bool = False, inpaint_padding: int = 32, fill="original",
+                 shift: float | None = None, denoising_end: float | None = None,
+                 denoising_start: float | None = None, init_latents: Tensor | None = None,
+                 subseed=None, subseed_strength: float = 0.0, **options) -> GenerationResult:
+        """__call__ without its tiling switch."""
         family = self.family
         options = family.check_options(options)
         image, options = family.conditioning_image(image, options)  # Wan I2V: the first frame is conditioning
@@ -530,9 +577,13 @@ class Pipeline:
         if handoff is not None:  # denoising_start: `image` holds latents, not pixels
             width, height = image.shape[-1] * self.downsample_factor, image.shape[-2] * self.downsample_factor
             image = None
-        source = self._edit_source(image, mask_image, strength, width, height, len(prompts), num_images,
-                                   mask_blur=mask_blur, only_masked=inpaint_only_masked, padding=inpaint_padding,
-                                   fill=fill)
+        if init_latents is not None:
+            source = self._latent_source(init_latents, image, mask_image, strength, len(prompts) * num_images)
+            width, height = source.width, source.height
+        else:
+            source = self._edit_source(image, mask_image, strength, width, height, len(prompts), num_images,
+                                       mask_blur=mask_blur, only_masked=inpaint_only_masked,
+                                       padding=inpaint_padding, fill=fill)
         width, height = self._size(width, height, source)
         use_cfg, cfg_scale = family.guidance(guidance_scale, negative_prompt is not None, options, len(prompts),
                                              num_images)
@@ -568,6 +619,13 @@ class Pipeline:
                                  f"(1 or {batch}, {', '.join(map(str, shape[1:]))}); got {tuple(handoff.shape)}")
             plan = edit.EditPlan(sigmas, handoff.to(self.device, torch.float32).expand(shape).contiguous(), {})
         else:
+            if subseed_strength:
+                from .hires import variation_noise
+
+                if source is not None or latents is not None:
+                    raise ValueError("subseed_strength: variation seeds are for text-to-image (no image, "
+                                     "init_latents or latents)")
+                latents = variation_noise(shape, generator, self._generators(subseed, batch)[0], subseed_strength)
             plan = self._start(sampling, source, sigmas, choice, generator, latents, shape)  # txt2img, img2img, ...
         sigmas, x = plan.sigmas, plan.x
         controls = control.prepare(controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
@@ -609,4 +667,9 @@ class Pipeline:
                            latent_sigma=float(sigmas[-1]) if denoising_end is not None else 0.0)
         params |= control.describe(controls, guess_mode)
         params |= plan.params
+        if self.tiling:
+            params["tiling"] = True
+        if subseed_strength:
+            params |= dict(subseed=self._generators(subseed, batch)[1][0] if subseed is not None else None,
+                           subseed_strength=float(subseed_strength))
         return self._checked(_result(images, x.cpu(), params), seed)

@@ -3,10 +3,11 @@ and in diffusers / PEFT's format, both of which reverie.lora reads back (and dif
 
     reverie train configs/shapes_lora_star.toml        # teach the shipped shapes model "a purple star"
 
-Each Linear whose path ends with one of model.lora_targets (default: the attention projections to_q, to_k, to_v,
-to_out.0; with model.lora_text also the text encoder's q_proj, k_proj, v_proj, out_proj) gets y = W x + (alpha / r)
-up(down(x)), down kaiming-uniform and up zero (sd-scripts' init: step 0 is the base model exactly). Only the
-factors train; the base, its VAE and its text encoder stay frozen.
+Each Linear or Conv2d whose path ends with one of model.lora_targets (default: the attention projections to_q, to_k,
+to_v, to_out.0; "conv1", "conv2" add the resnets' 3x3 convolutions, kohya's LoCon; with model.lora_text also the
+text encoder's q_proj, k_proj, v_proj, out_proj) gets y = W x + (alpha / r) up(down(x)), down kaiming-uniform and
+up zero (sd-scripts' init: step 0 is the base model exactly). Only the factors train; the base, its VAE and its
+text encoder stay frozen.
 """
 
 from __future__ import annotations
@@ -44,18 +45,40 @@ class LoraLinear(nn.Module):
         return self.base(x) + self.scale * self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
 
 
-def add_lora_layers(root: nn.Module, targets, rank: int, alpha: float, what: str) -> dict[str, LoraLinear]:
-    """Wrap every Linear of `root` whose path ends with a target ("to_q", "to_out.0"); path -> its LoraLinear."""
+class LoraConv(nn.Module):
+    """A frozen Conv2d plus a trainable low-rank update (kohya's LoCon): down is a conv of the base's kernel,
+    stride and padding into r channels, up a 1x1 conv out of them."""
+
+    def __init__(self, base: nn.Conv2d, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                              bias=False, padding_mode=base.padding_mode)
+        self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.up.weight)
+        self.scale = alpha / rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + self.scale * self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+
+ADAPTERS = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv}
+
+
+def add_lora_layers(root: nn.Module, targets, rank: int, alpha: float, what: str) -> dict[str, nn.Module]:
+    """Wrap every Linear or Conv2d of `root` whose path ends with a target ("to_q", "to_out.0", "conv1");
+    path -> its LoraLinear / LoraConv."""
     found = {}
     for path, module in list(root.named_modules()):
         if not any(path == t or path.endswith("." + t) for t in targets):
             continue
-        if not isinstance(module, nn.Linear):
+        if type(module) not in ADAPTERS:
             raise ValueError(f"model.lora_targets: {what} module {path} is a {type(module).__name__}; LoRA training "
-                             f"takes Linear layers")
+                             f"takes Linear and Conv2d layers")
         parent_path, _, child = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
-        found[path] = LoraLinear(module, rank, alpha)
+        found[path] = ADAPTERS[type(module)](module, rank, alpha)
         parent._modules[child] = found[path]
     if not found:
         raise ValueError(f"model.lora_targets {list(targets)}: no {what} module's name ends with one of them")
@@ -112,7 +135,7 @@ class LoraTask(UNetTask):
         out = {}
         for component, root in roots.items():
             out[component] = {path: (m.down.weight.detach().float().cpu(), m.up.weight.detach().float().cpu())
-                              for path, m in root.named_modules() if isinstance(m, LoraLinear)}
+                              for path, m in root.named_modules() if isinstance(m, (LoraLinear, LoraConv))}
         return out
 
     def export(self, ema_objective: DiffusionObjective, path: Path) -> Path:
