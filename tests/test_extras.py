@@ -116,3 +116,44 @@ def test_cli_hires_variation_and_tiling(tmp_path):
     assert (info["Variation seed"], info["Variation seed strength"], info["Tiling"]) == ("11", "0.4", "True")
     assert main(["generate", "--from", str(var), "--out", str(tmp_path / "again.png")]) == 0
     assert np.array_equal(np.asarray(Image.open(var)), np.asarray(Image.open(tmp_path / "again.png")))
+
+
+def test_a1111_txt2img_hires_variation_and_tiling(tmp_path):
+    """The A1111 dialect's enable_hr / hr_scale / hr_upscaler / denoising_strength, subseed / subseed_strength,
+    tiling and prompt weighting give the images the Python calls give."""
+    import base64
+    import json
+
+    from fastapi.testclient import TestClient
+    from test_server_support import engine, pixels
+
+    from reverie.server import create_app
+
+    server = engine(tmp_path, pipe=Pipeline.from_pretrained(model_path("shapes")))
+    try:
+        client = TestClient(create_app(server))
+        body = dict(prompt="a red circle", seed=5, steps=3, cfg_scale=6, sampler_name="Euler")
+        r = client.post("/sdapi/v1/txt2img", json=body | dict(enable_hr=True, hr_scale=2, denoising_strength=0.5,
+                                                              hr_upscaler="Latent (nearest)"))
+        assert r.status_code == 200, r.text
+        got = pixels(base64.b64decode(r.json()["images"][0]))
+        alone = Pipeline.from_pretrained(model_path("shapes"))
+        want = hires_fix(alone, ["a red circle"], hr_scale=2, hr_upscaler="Latent (nearest)", denoising_strength=0.5,
+                         steps=3, guidance_scale=6.0, sampler="Euler", seed=[5], progress=False)
+        assert got.shape == (128, 128, 3) and np.abs(got - arrays(want)[0]).mean() <= 1.0
+        assert "Hires upscale: 2.0" in json.loads(r.json()["info"])["infotexts"][0]
+
+        r = client.post("/sdapi/v1/txt2img", json=body | dict(subseed=9, subseed_strength=0.4, tiling=True))
+        info = json.loads(r.json()["info"])
+        assert (info["subseed"], info["subseed_strength"]) == (9, 0.4)
+        want = alone("a red circle", steps=3, guidance_scale=6.0, sampler="Euler", seed=[5], subseed=[9],
+                     subseed_strength=0.4, tiling=True, progress=False)
+        assert np.abs(pixels(base64.b64decode(r.json()["images"][0])) - arrays(want)[0]).mean() <= 1.0
+        r = client.post("/sdapi/v1/txt2img", json=body | dict(prompt="a (red:1.4) circle, [blue]"))  # A1111's syntax
+        want = alone("a (red:1.4) circle, [blue]", steps=3, guidance_scale=6.0, sampler="Euler", seed=[5],
+                     prompt_syntax="a1111", progress=False)
+        assert np.abs(pixels(base64.b64decode(r.json()["images"][0])) - arrays(want)[0]).mean() <= 1.0
+        r = client.post("/sdapi/v1/txt2img", json=body | dict(enable_hr=True, hr_upscaler="ESRGAN"))
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "hr_upscaler"
+    finally:
+        server.close()

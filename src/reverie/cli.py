@@ -158,6 +158,8 @@ def _family_kwargs(args) -> dict:
         out["true_cfg_scale"] = args.true_cfg
     if args.max_sequence_length is not None:
         out["max_sequence_length"] = args.max_sequence_length
+    if args.prompt_syntax is not None:
+        out["prompt_syntax"] = args.prompt_syntax
     if args.skip_layers:
         try:
             out["skip_guidance_layers"] = [int(i) for i in args.skip_layers.split(",")]
@@ -666,6 +668,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--lora", action="append", default=[], metavar="FILE[:W[:UNET]]",
                      help="a LoRA / LyCORIS .safetensors (kohya / A1111 or diffusers / PEFT) merged at strength W "
                           "(default 1), or W for the text encoders and UNET for the UNet / transformer; repeatable")
+    gen.add_argument("--prompt-syntax", default=None, choices=["a1111", "no_norm", "comfy"],
+                     help="read A1111's emphasis, (word:1.3), [word], escapes and BREAK (SD 1/2): a1111 (multiply, "
+                          "restore the mean), no_norm (multiply only) or comfy (ComfyUI's interpolation)")
     gen.add_argument("--hires-scale", type=float, default=None, metavar="S",
                      help="A1111's hires fix: a second, img2img pass at S times the size (e.g. 2)")
     gen.add_argument("--hires-upscaler", default="Latent", help="Latent, Latent (antialiased), Latent (bicubic), "

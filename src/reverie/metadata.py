@@ -245,7 +245,7 @@ def request_from_infotext(info) -> dict:
 
 
 FAMILY_OPTIONS = ("shift", "max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale",
-                  "skip_layer_guidance_start", "skip_layer_guidance_stop")  # Pipeline.__call__ keyword arguments
+                  "skip_layer_guidance_start", "skip_layer_guidance_stop", "prompt_syntax")  # Pipeline.__call__ keyword arguments
 REPRODUCED = ("prompt", "negative_prompt", "steps", "guidance_scale", "guidance_rescale", "sampler", "schedule",
               "scheduler", "sampler_options", "width", "height", "seed", "clip_skip", "batch", "subseed",
               "subseed_strength", "tiling", *FAMILY_OPTIONS)

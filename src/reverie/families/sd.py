@@ -19,6 +19,7 @@ class SD(Family):
                         "StableDiffusionControlNetPipeline", "LatentConsistencyModelPipeline")
     network = "unet"
     controlnet = True
+    options = ("prompt_syntax",)  # "a1111" / "no_norm" / "comfy": read (word:1.2) emphasis and BREAK (reverie.prompt_syntax)
     defaults = dict(steps=30, guidance_scale=7.5, sampler="dpmpp_2m")
     lcm_defaults = dict(steps=4, guidance_scale=8.5, sampler="lcm")  # diffusers' LatentConsistencyModelPipeline
 
@@ -60,7 +61,11 @@ class SD(Family):
                              "guidance, so it cannot use one; its guidance_scale is an input of the network")
         negatives = None if lcm else negatives
         with pipe._on_device(pipe.text_encoder):
-            embeds = pipe.text_encoder.encode(prompts + (negatives or []), clip_skip=options.get("clip_skip"))
+            if options.get("prompt_syntax"):
+                embeds = weighted_states(pipe.text_encoder, prompts, negatives, options["prompt_syntax"],
+                                         options.get("clip_skip"))
+            else:
+                embeds = pipe.text_encoder.encode(prompts + (negatives or []), clip_skip=options.get("clip_skip"))
         embeds = embeds.to(pipe.device, pipe.dtype)
         cond = {"encoder_hidden_states": embeds[:len(prompts)]}
         if lcm:
@@ -69,6 +74,43 @@ class SD(Family):
 
     def network_call(self, pipe, network, shape, options):
         return _dtype_call(network, pipe.dtype)
+
+    def describe(self, pipe, options: dict, sigmas=None, mu=None) -> dict:
+        out = super().describe(pipe, options, sigmas, mu)
+        if options.get("prompt_syntax"):
+            out["prompt_syntax"] = options["prompt_syntax"]
+        return out
+
+
+def weighted_states(text_encoder, prompts, negatives, mode: str, clip_skip) -> "torch.Tensor":
+    """A1111's weighted encoding (reverie.prompt_syntax.weighted_conditioning) of the prompts, then of the
+    negatives, each group's mean restored over the group as A1111 encodes a batch's conditions; both get the
+    larger chunk count. Prompt editing, alternation and AND need conditioning that changes per step or a sum of
+    guidance terms, which the pipeline does not do yet: they are a ValueError."""
+    import torch
+
+    from ..prompt_syntax import MODES, parse, prompt_chunks, weighted_conditioning
+
+    if mode not in MODES:
+        raise ValueError(f"prompt_syntax must be one of {', '.join(map(repr, MODES))} or None; got {mode!r}")
+    if not text_encoder.is_clip:
+        raise ValueError("prompt_syntax: weighting needs a CLIP text encoder")
+
+    def text_of(prompt: str) -> str:
+        parsed = parse(prompt, 100)
+        if len(parsed.parts) > 1 or len(parsed.parts[0].schedule) > 1:
+            raise ValueError(f"prompt: with prompt_syntax, prompt editing [from:to:when], alternation [a|b] and AND "
+                             f"are not supported yet (emphasis, escapes and BREAK are); got {prompt!r}")
+        return parsed.parts[0].schedule[0].text
+
+    groups = [text_encoder.expand_embeddings([text_of(p) for p in prompts])]
+    if negatives:
+        groups.append(text_encoder.expand_embeddings([text_of(n or "") for n in negatives]))
+    model, tokenizer = text_encoder.text_model, text_encoder.tokenizer
+    length = text_encoder.max_length
+    k = max(prompt_chunks(tokenizer, g, max_length=length)[0].shape[1] for g in groups)
+    return torch.cat([weighted_conditioning(model, tokenizer, g, mode=mode, clip_skip=clip_skip, chunks=k)
+                      for g in groups])
 
 
 def _is_lcm(pipe) -> bool:

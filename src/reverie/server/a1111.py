@@ -22,7 +22,7 @@ from .job import FieldError, Request
 from .schemas import Img2ImgBody, Limits, PngInfoBody, Txt2ImgBody
 
 _NAMES = {"guidance_scale": "cfg_scale", "n": "batch_size", "sampler": "sampler_name", "strength": "denoising_strength",
-          "image": "init_images", "refiner": "refiner_checkpoint"}
+          "image": "init_images", "refiner": "refiner_checkpoint", "hr_strength": "denoising_strength"}
 _FLUX_NAMES = {**_NAMES, "guidance_scale": "distilled_cfg_scale", "true_cfg_scale": "cfg_scale"}  # Forge's fields
 DEFAULTS = dict(steps=20, guidance_scale=7.0, sampler="Euler")  # A1111's API defaults (SD models)
 
@@ -69,7 +69,14 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
         refiner = None  # A1111 clients send "" or "None" for no refiner, and a switch point that then goes unused
         if body.refiner_checkpoint not in (None, "", "None"):
             refiner = checkpoint(body.refiner_checkpoint, "refiner_checkpoint")
-        edit = dict(edit, refiner=refiner, refiner_switch_at=body.refiner_switch_at if refiner else None)
+        if pipe is not None and "prompt_syntax" in pipe.family.options:  # A1111 reads (word:1.3) and BREAK
+            options["prompt_syntax"] = "a1111"
+        edit = dict(edit, refiner=refiner, refiner_switch_at=body.refiner_switch_at if refiner else None,
+                    subseed=None if body.subseed == -1 else body.subseed, subseed_strength=body.subseed_strength,
+                    tiling=body.tiling)
+        if body.enable_hr and "image" not in edit:  # A1111: the hires fix is a txt2img option
+            edit |= dict(hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler or "Latent",
+                         hr_second_pass_steps=body.hr_second_pass_steps, hr_strength=body.denoising_strength)
         request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                           guidance_scale=guidance, sampler=body.sampler_name or body.sampler_index,
                           scheduler=body.scheduler, seed=None if body.seed == -1 else body.seed, width=body.width,
@@ -83,8 +90,9 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                                 params[0].get("sampler_options"))[0] if params else r.sampler
         info = dict(prompt=body.prompt, all_prompts=[body.prompt] * r.n,
                     negative_prompt=body.negative_prompt, all_negative_prompts=[body.negative_prompt] * r.n,
-                    seed=job.seeds[0], all_seeds=job.seeds, subseed=-1, all_subseeds=[-1] * r.n,
-                    subseed_strength=0, width=r.width, height=r.height, sampler_name=sampler,
+                    seed=job.seeds[0], all_seeds=job.seeds, subseed=r.subseed if r.subseed_strength else -1,
+                    all_subseeds=[(r.subseed or 0) + i if r.subseed_strength else -1 for i in range(r.n)],
+                    subseed_strength=r.subseed_strength, width=r.width, height=r.height, sampler_name=sampler,
                     cfg_scale=(r.true_cfg_scale or 1.0) if flux else r.guidance_scale, steps=r.steps,
                     batch_size=body.batch_size, n_iter=body.n_iter, restore_faces=False,
                     sd_model_name=r.model, sd_model_hash=_hash(pipe), family=pipe.family.name,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import io
 import logging
 import math
@@ -35,6 +36,7 @@ import torch
 from PIL import Image
 
 from .. import control
+from ..hires import hires_fix
 from ..loading import load_controlnet
 from ..metadata import image_params, png_bytes
 from ..pipeline import MAX_SEED, Pipeline, to_pil
@@ -255,6 +257,9 @@ class Engine:
                 raise FieldError(name, f"must be a multiple of {factor} for this {pipe.family.name} model; got {value}")
         families.sampler_choice(pipe, request.sampler, request.scheduler)
         families.check(pipe, request, self.video_format)
+        _check_extras(request)
+        if request.subseed_strength and request.subseed is None:
+            request = dataclasses.replace(request, subseed=random.randint(0, MAX_SEED))
         prompt, negative, loras = self.loras.read_prompt(pipe, request.prompt, request.negative_prompt, request.loras)
         request = dataclasses.replace(request, prompt=prompt, negative_prompt=negative, loras=loras or None)
         if request.steps > pipe.schedule.num_train_timesteps:
@@ -429,7 +434,8 @@ class Engine:
                 r.refiner, r.refiner_switch_at, families.conditioning_key(self.models[r.refiner], r))
             job.key = (r.model, r.width, r.height, families.sampler_choice(pipe, r.sampler, r.scheduler), r.steps,
                        r.shift, families.conditioning_key(pipe, r), _edit_key(r), refiner,
-                       tuple(tuple(item) for item in r.loras or ()))
+                       tuple(tuple(item) for item in r.loras or ()), r.tiling, r.subseed_strength, r.prompt_syntax,
+                       (r.hr_scale, r.hr_upscaler, r.hr_second_pass_steps, r.hr_strength) if r.hr_scale else None)
         return job.key
 
     def _expire_queued(self) -> None:  # holding self._cond
@@ -494,13 +500,14 @@ class Engine:
         schedule, guidance scales and seeds (the CLI's --refiner); cancelling between the two calls stops it."""
         r0 = batch[0].request
         pipe = self.models[r0.model]
-        prompts, negatives, scales, seeds = [], [], [], []
+        prompts, negatives, scales, seeds, subseeds = [], [], [], [], []
         for job in batch:
             r = job.request
             prompts += [r.prompt] * r.n
             negatives += [r.negative_prompt if families.uses_cfg(pipe, r) else ""] * r.n
             scales += [r.guidance_scale] * r.n
             seeds += job.seeds
+            subseeds += [((r.subseed or 0) + i) % (MAX_SEED + 1) for i in range(r.n)]
         if not any(families.uses_cfg(pipe, job.request) for job in batch):
             negatives = None  # DiT has none; FLUX warns about one it would not use
         images = len(prompts)
@@ -516,7 +523,15 @@ class Engine:
         wanted = self.loras.uses(r0.loras)  # equal for the batch (_key); merged only when the set changes
         if [(id(u.lora), u.text, u.unet) for u in wanted] != [(id(u.lora), u.text, u.unet) for u in pipe.loras]:
             pipe.set_loras(wanted)
-        result = pipe(prompts, sampler=r0.sampler, scheduler=r0.scheduler, width=r0.width, height=r0.height,
+        if r0.subseed_strength:
+            kwargs |= dict(subseed=subseeds, subseed_strength=r0.subseed_strength)
+        if r0.tiling:
+            kwargs["tiling"] = True
+        call = pipe
+        if r0.hr_scale:
+            call = functools.partial(hires_fix, pipe, hr_scale=r0.hr_scale, hr_upscaler=r0.hr_upscaler,
+                                     hr_second_pass_steps=r0.hr_second_pass_steps, denoising_strength=r0.hr_strength)
+        result = call(prompts, sampler=r0.sampler, scheduler=r0.scheduler, width=r0.width, height=r0.height,
                       **common, **kwargs)
         if r0.refiner is not None:
             result = self._refine(r0, prompts, common, callback, result)
@@ -664,6 +679,27 @@ class _StepCallback:
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _check_extras(r: Request) -> None:
+    """The hires fix, variation seed and tiling fields (reverie.hires)."""
+    from ..hires import UPSCALERS
+
+    if r.hr_scale is not None:
+        if not 1 <= r.hr_scale <= 4:
+            raise FieldError("hr_scale", f"must be in [1, 4]; got {r.hr_scale}")
+        if r.hr_upscaler not in UPSCALERS:
+            raise FieldError("hr_upscaler", f"must be one of {list(UPSCALERS)}; got {r.hr_upscaler!r}")
+        if not 0 <= r.hr_strength <= 1:
+            raise FieldError("denoising_strength", f"must be in [0, 1]; got {r.hr_strength}")
+        if r.hr_second_pass_steps < 0:
+            raise FieldError("hr_second_pass_steps", f"must be >= 0; got {r.hr_second_pass_steps}")
+        if r.image is not None or r.refiner is not None or r.control_image is not None:
+            raise FieldError("enable_hr", "the hires fix is for text-to-image without a refiner or ControlNet")
+    if not 0 <= r.subseed_strength <= 1:
+        raise FieldError("subseed_strength", f"must be in [0, 1]; got {r.subseed_strength}")
+    if r.subseed_strength and r.image is not None:
+        raise FieldError("subseed_strength", "variation seeds are for text-to-image")
 
 
 def _accepts(pipe, name: str) -> bool:

@@ -31,7 +31,8 @@ from .job import FieldError, Request
 SD_DEFAULTS = dict(steps=20, guidance_scale=7.5, sampler="dpmpp_2m")  # the native and OpenAI dialects' SD defaults
 VP_KINDS = ("default", "karras", "exponential")  # the schedule kinds a DiscreteSchedule spaces
 # Request fields that are family options of Pipeline.__call__ (each family takes those in its `options`)
-OPTIONS = ("num_frames", "max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale")
+OPTIONS = ("num_frames", "max_sequence_length", "true_cfg_scale", "skip_guidance_layers", "skip_layer_guidance_scale",
+           "prompt_syntax")
 HANDOFF_FAMILIES = ("sd", "sdxl")  # the families whose latents a refiner can finish (same layout, DDPM schedule)
 SEQUENCE_DEFAULTS = {"sd3": 256, "flux": 512, "wan": 512}  # diffusers' max_sequence_length defaults
 VIDEO_FPS = 16  # a video request's default frame rate: Wan 2.1's (its examples export at 16 fps)

@@ -66,6 +66,14 @@ class Request:
     true_cfg_scale: float | None = None  # FLUX: classifier-free guidance against the negative prompt when > 1
     skip_guidance_layers: list[int] | None = None  # SD3.5: skip-layer guidance on these transformer blocks
     skip_layer_guidance_scale: float | None = None  # SD3.5: its scale (None: 2.8, diffusers' default)
+    prompt_syntax: str | None = None  # SD: "a1111" reads (word:1.3) emphasis and BREAK (the A1111 dialect's default)
+    hr_scale: float | None = None  # A1111's hires fix: a second, img2img pass at this scale (None: off)
+    hr_upscaler: str = "Latent"  # reverie.hires.UPSCALERS
+    hr_second_pass_steps: int = 0  # 0: the first pass's steps
+    hr_strength: float = 0.7  # the hires pass's denoising strength
+    subseed: int | None = None  # A1111's variation seed (image i: subseed + i); None draws one when used
+    subseed_strength: float = 0.0
+    tiling: bool = False  # seamless images (circular padding)
     loras: list | None = None  # [[name, text strength, unet strength], ...] from the server's --lora-dir; the
     # prompt's <lora:name:te:unet> tags are read into it (and removed from the prompt) when the request is prepared
     preview: bool = False  # stream decoded previews with the progress events

@@ -181,6 +181,17 @@ class Txt2ImgBody(FamilyOptions):
     refiner_checkpoint: str | None = Field(None, description="a name or title from /sd-models that finishes the "
                                                              "image (SDXL's refiner); null, \"\" or \"None\": none")
     refiner_switch_at: float | None = SwitchAt
+    enable_hr: bool = Field(False, description="the hires fix: a second, img2img pass at hr_scale times the size")
+    hr_scale: float = Field(2.0, ge=1, le=4, allow_inf_nan=False)
+    hr_upscaler: str | None = Field("Latent", description="Latent, Latent (antialiased), Latent (bicubic), Latent "
+                                                        "(bicubic antialiased), Latent (nearest), Latent "
+                                                        "(nearest-exact), Lanczos or Nearest")
+    hr_second_pass_steps: int = Field(0, ge=0, description="0: the first pass's steps")
+    denoising_strength: float = Field(0.7, ge=0, le=1, allow_inf_nan=False,
+                                      description="txt2img: the hires pass's strength; img2img: the edit's")
+    subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="the variation seed; -1: random")
+    subseed_strength: float = Field(0.0, ge=0, le=1, allow_inf_nan=False)
+    tiling: bool = Field(False, description="seamless, tileable images")
 
 
 class Img2ImgBody(Txt2ImgBody):
