@@ -157,3 +157,33 @@ def test_a1111_txt2img_hires_variation_and_tiling(tmp_path):
         assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "hr_upscaler"
     finally:
         server.close()
+
+
+# ---------------------------------------------------------------- FreeU
+
+
+def test_freeu_equals_diffusers_and_is_the_identity_at_one(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    from tiny_families import sd_folder
+
+    folder = sd_folder(tmp_path / "sd")
+    ours = Pipeline.from_pretrained(folder).unet
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(folder / "unet")
+    g = torch.Generator().manual_seed(0)
+    x, t, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([20, 700]), torch.randn(2, 7, 32, generator=g)
+    with torch.no_grad():
+        plain = ours(x, t, ctx)
+        ours.enable_freeu(s1=1.0, s2=1.0, b1=1.0, b2=1.0)
+        assert torch.allclose(ours(x, t, ctx), plain, atol=1e-5)  # identity at 1
+        ours.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+        theirs.enable_freeu(s1=0.9, s2=0.2, b1=1.5, b2=1.6)
+        got, want = ours(x, t, ctx), theirs(x, t, ctx).sample
+        assert torch.allclose(got, want, atol=1e-5) and (got - plain).abs().max() > 1e-2
+        ours.disable_freeu()
+        assert torch.equal(ours(x, t, ctx), plain)
+    with pytest.raises(ValueError, match="freeu b1"):
+        ours.enable_freeu(s1=0.9, s2=0.2, b1=-1, b2=1.6)
+    assert main(["generate", "a red circle", "--steps", "2", "--freeu", "0.9,0.2,1.5,1.6",
+                 "--out", str(tmp_path / "f.png")]) == 0
+    assert read_png_info(tmp_path / "f.png")["request"]["freeu"] == [0.9, 0.2, 1.5, 1.6]
+    assert main(["generate", "a red circle", "--freeu", "0.9,0.2", "--out", str(tmp_path / "g.png")]) == 2

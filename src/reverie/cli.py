@@ -53,6 +53,11 @@ def _generate(args) -> None:
         pipe.enable_attention_slicing()
     if args.vae_tiling:
         pipe.vae.enable_tiling()
+    if args.freeu:
+        try:
+            pipe.enable_freeu(*(float(v) for v in args.freeu.split(",")))
+        except TypeError:
+            raise ValueError(f"--freeu: four numbers S1,S2,B1,B2 (e.g. 0.9,0.2,1.5,1.6); got {args.freeu!r}") from None
     seeds = _seeds(args.seed, args.num_images)
     handoff = {"denoising_end": args.refiner_switch_at} if args.refiner else {}
     extras = dict(subseed=args.subseed, subseed_strength=args.subseed_strength) if args.subseed_strength else {}
@@ -681,6 +686,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--subseed-strength", type=float, default=0.0,
                      help="how far the start noise moves towards the variation seed's (0-1)")
     gen.add_argument("--tiling", action="store_true", help="seamless, tileable images (circular padding)")
+    gen.add_argument("--freeu", default=None, metavar="S1,S2,B1,B2",
+                     help="FreeU on the UNet, e.g. 0.9,0.2,1.5,1.6 (SD 1.x) or 0.9,0.2,1.3,1.4 (SDXL)")
     gen.add_argument("--embedding", action="append", default=[], metavar="FILE_OR_DIR",
                      help="textual-inversion embeddings (A1111 / kohya / diffusers / SDXL files, or a folder of "
                           "them), used where a prompt or negative prompt names them (the file's stem); repeatable")

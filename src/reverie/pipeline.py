@@ -526,6 +526,18 @@ class Pipeline:
         finally:
             self.set_tiling(previous)
 
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU on the UNet (SD 1/2, SDXL; reverie.models.unet.UNet.enable_freeu, diffusers' names)."""
+        if not hasattr(self.network, "enable_freeu"):
+            raise ValueError(f"freeu: FreeU scales a UNet's up blocks; a {self.family.name} model has none")
+        self.network.enable_freeu(s1, s2, b1, b2)
+        self._freeu = [float(s1), float(s2), float(b1), float(b2)]
+
+    def disable_freeu(self) -> None:
+        if hasattr(self.network, "disable_freeu"):
+            self.network.disable_freeu()
+        self._freeu = None
+
     @property
     def tiling(self) -> bool:
         return self.__dict__.get("_tiling", False)
@@ -669,6 +681,8 @@ class Pipeline:
         params |= plan.params
         if self.tiling:
             params["tiling"] = True
+        if self.__dict__.get("_freeu"):
+            params["freeu"] = list(self._freeu)  # s1, s2, b1, b2
         if subseed_strength:
             params |= dict(subseed=self._generators(subseed, batch)[1][0] if subseed is not None else None,
                            subseed_strength=float(subseed_strength))

@@ -340,16 +340,34 @@ class UpBlock(nn.Module):
             for j in range(num_layers)])
         self.attentions = nn.ModuleList([transformer(out_channels) for _ in range(num_layers)]) if transformer else None
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+        self.freeu: tuple[float, float] | None = None  # (b, s): UNet.enable_freeu
 
     def forward(self, x: Tensor, skips: list[Tensor], temb: Tensor, context: Tensor,
                 upsample_size: tuple[int, int] | None = None) -> Tensor:
         for j, resnet in enumerate(self.resnets):
-            x = resnet(torch.cat([x, skips[-1 - j]], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
+            skip = skips[-1 - j]
+            if self.freeu is not None:  # FreeU: amplify half the backbone's channels, damp the skip's low frequencies
+                b, s = self.freeu
+                half = x.shape[1] // 2
+                x = torch.cat([x[:, :half] * b, x[:, half:]], dim=1)
+                skip = fourier_filter(skip, 1, s)
+            x = resnet(torch.cat([x, skip], dim=1), temb)  # (B, C + C_skip, H, W) -> (B, C_out, H, W)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
         if self.upsamplers is not None:
             x = self.upsamplers[0](x, upsample_size)
         return x
+
+
+def fourier_filter(x: Tensor, threshold: int, scale: float) -> Tensor:
+    """FreeU's skip filter (Si et al. 2023, eq. 6): the centred (2 threshold)^2 lowest spatial frequencies of x
+    scaled by `scale`, in float32 (diffusers' fourier_filter)."""
+    freq = torch.fft.fftshift(torch.fft.fftn(x.float(), dim=(-2, -1)), dim=(-2, -1))
+    H, W = x.shape[-2:]
+    mask = torch.ones(H, W, device=x.device)
+    mask[H // 2 - threshold:H // 2 + threshold, W // 2 - threshold:W // 2 + threshold] = scale
+    out = torch.fft.ifftn(torch.fft.ifftshift(freq * mask, dim=(-2, -1)), dim=(-2, -1)).real
+    return out.to(x.dtype)
 
 
 def transformer_factory(c: UNetConfig, i: int):
@@ -479,6 +497,21 @@ class UNet(nn.Module):
         ids = timestep_embedding(time_ids.flatten(), c.addition_time_embed_dim, c.flip_sin_to_cos, c.freq_shift)
         ids = ids.reshape(batch, -1)  # (B, n * addition_time_embed_dim), float32
         return self.add_embedding(torch.cat([text_embeds, ids], dim=-1).to(dtype))  # (B, temb_dim)
+
+    def enable_freeu(self, s1: float, s2: float, b1: float, b2: float) -> None:
+        """FreeU (Si et al. 2023) on the two lowest-resolution up blocks, as diffusers' enable_freeu: b1 / b2 scale
+        half of the backbone's channels, s1 / s2 the skips' lowest frequencies. (SD 1.x: s1 0.9, s2 0.2, b1 1.5,
+        b2 1.6; SDXL: 0.9, 0.2, 1.3, 1.4, the paper's suggestions.)"""
+        for name, value in (("s1", s1), ("s2", s2), ("b1", b1), ("b2", b2)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 10:
+                raise ValueError(f"freeu {name} must be a number in [0, 10]; got {value!r}")
+        if len(self.up_blocks) < 2:
+            raise ValueError("freeu: the UNet needs at least two up blocks")
+        self.up_blocks[0].freeu, self.up_blocks[1].freeu = (float(b1), float(s1)), (float(b2), float(s2))
+
+    def disable_freeu(self) -> None:
+        for block in self.up_blocks:
+            block.freeu = None
 
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
                 down_block_additional_residuals: Sequence[Tensor] | None = None,
