@@ -206,6 +206,10 @@ def test_probes_metrics_and_schema(client):
                  "reverie_images_total", "reverie_errors_total", 'reverie_rejections_total{reason="invalid"}',
                  'reverie_http_requests_total{code="422"}'):
         assert name in text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families = {f.name: f for f in text_string_to_metric_families(text)}  # well-formed exposition
+    assert families["reverie_batch_images"].type == "histogram" and families["reverie_queue_depth"].type == "gauge"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/images/generations", "/sdapi/v1/txt2img", "/sdapi/v1/img2img", "/v1/jobs",
             "/v1/jobs/{job_id}/events", "/health/ready", "/metrics"} <= set(paths)

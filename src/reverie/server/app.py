@@ -21,6 +21,7 @@ from .. import __version__
 from . import a1111, jobs, openai, videos
 from .engine import Engine
 from .job import FieldError, Rejected
+from .metrics import CONTENT_TYPE
 from .schemas import Limits
 
 log = logging.getLogger("reverie.server")
@@ -79,7 +80,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     @app.get("/metrics", tags=["operations"], response_class=PlainTextResponse)
     def metrics() -> PlainTextResponse:
         """Prometheus metrics: queue depth, batch sizes, step latency, images, errors, rejections."""
-        return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(engine.metrics.render(), media_type=CONTENT_TYPE)
 
     for dialect in (openai, a1111, jobs, videos):
         app.include_router(dialect.router(engine, limits))
