@@ -310,14 +310,17 @@ def test_emoji_the_font_cannot_draw_are_skipped_and_counted(tmp_path):
 
 
 def test_stars_and_their_analyzer():
-    """The purple star the LoRA example teaches: its own images all read as purple stars, none of the shapes
+    """The star the LoRA example teaches: its own images all read as stars of their colour, none of the shapes
     data set's images does (one or two circles, squares, triangles), and the prior images follow the stars."""
     from reverie.data.stars import StarsDataset, score_star
 
     stars = StarsDataset(size=40, shapes=3, seed=0)
-    assert len(stars) == 43 and all(score_star(stars.image(i))["fully_correct"] for i in range(40))
-    assert all("purple star" in stars.caption(i) for i in range(40))
+    assert len(stars) == 43 and all(score_star(stars.image(i), stars.color(i))["fully_correct"] for i in range(40))
+    assert all(f"{stars.color(i)} star" in stars.caption(i) for i in range(40))
+    assert not any(score_star(stars.image(i), "red" if stars.color(i) != "red" else "blue")["color"]
+                   for i in range(40))  # another colour is wrong
     assert stars.caption(40) == ShapesDataset(size=3, seed=1).captions[0]
     shapes = ShapesDataset(size=120, seed=5)
-    assert not any(score_star(shapes.image(i))["shape"] or score_star(shapes.image(i))["color"] for i in range(120))
-    assert score_star(Image.new("RGB", (64, 64), "white")) == {"color": False, "shape": False, "fully_correct": False}
+    assert not any(score_star(shapes.image(i), shapes.labels[i].objects[0].color)["shape"] for i in range(120))
+    assert score_star(Image.new("RGB", (64, 64), "white"), "red") == {"color": False, "shape": False,
+                                                                      "fully_correct": False}

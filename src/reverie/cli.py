@@ -440,19 +440,21 @@ def _eval(args) -> None:
 
 
 def _eval_stars(args, pipe) -> None:
-    """The purple star (reverie.data.stars): captions of a seed the LoRA run never used, read by score_star."""
+    """The star a LoRA teaches (reverie.data.stars): captions of a seed the LoRA run never used, read by
+    score_star."""
     from .data.stars import StarsDataset, score_star
     from .eval.plot import image_grid
 
-    captions = [StarsDataset(size=args.n, seed=1000 + args.caption_seed).caption(i) for i in range(args.n)]
+    data = StarsDataset(size=args.n, seed=1000 + args.caption_seed)
+    captions = [data.caption(i) for i in range(args.n)]
     scores, images = [], []
     for start in range(0, len(captions), 16):
         batch = captions[start:start + 16]
         result = pipe(batch, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                       seed=[args.seed + start + i for i in range(len(batch))], progress=False)
-        scores += [score_star(im) for im in result.images]
+        scores += [score_star(im, data.color(start + i)) for i, im in enumerate(result.images)]
         images += result.images[:max(0, 16 - len(images))]
-    print(f"purple-star adherence, {len(captions)} captions, {args.sampler}, {args.steps} steps, guidance "
+    print(f"star adherence, {len(captions)} captions, {args.sampler}, {args.steps} steps, guidance "
           f"{args.guidance}:")
     for key in ("color", "shape", "fully_correct"):
         print(f"  {key:24s} {sum(s[key] for s in scores) / len(scores):.3f}")
@@ -751,7 +753,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="score with this LoRA merged (repeatable)")
     ev.add_argument("--data", choices=["shapes", "moving_shapes", "stars", "emoji"], default=None,
                     help="shapes: prompt adherence read by the shapes analyzer; moving_shapes: a video model's, read "
-                         "by the clip analyzer; stars: the purple star a LoRA teaches (reverie.data.stars); "
+                         "by the clip analyzer; stars: the star shape a LoRA teaches (reverie.data.stars); "
                          "emoji: FID, nearest training images and (with --plot) a sample grid "
                          "(default: emoji for --model emoji, moving_shapes for a video model, else shapes)")
     ev.add_argument("--frames", type=int, default=None, help="moving_shapes: frames per clip (default: 16; Wan "

@@ -4,7 +4,7 @@ items are {"video": FloatTensor (3, frames, H, W), "caption": str}.
 
     shapes         procedural coloured shapes with spatial relations, and a held-out split (reverie.data.shapes)
     moving_shapes  clips of moving, growing, turning shapes, and a held-out split (reverie.data.moving_shapes)
-    stars          a purple star, a concept the shapes model lacks, for LoRA training (reverie.data.stars)
+    stars          stars of the palette colours, a shape the shapes model lacks, for LoRA training (reverie.data.stars)
     emoji          every Noto Color Emoji glyph with its CLDR name (needs scripts/install_system_deps.sh)
     digits         scikit-learn's 8x8 handwritten digits, "the digit 7" (needs scikit-learn)
     folder         a user's image folder with metadata.jsonl or .txt captions

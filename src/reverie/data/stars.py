@@ -1,12 +1,14 @@
-"""A concept the shipped shapes model has never seen: a purple five-pointed star, for teaching it with a LoRA.
+"""A shape the shipped shapes model has never seen — a five-pointed star — for teaching it with a LoRA.
 
-    StarsDataset(size=50)  ->  "a purple star", "a small purple star on the left", "a large purple star at the top"
+    StarsDataset(size=50)  ->  "a red star", "a small blue star on the left", "a large yellow star at the top"
 
 The geometry follows reverie.data.shapes (64x64 canvas, small 12-16 px and large 24-28 px, the five anchors with
-3 px of jitter, 4x supersampling) so that the words the model knows keep their meaning; the star's inner radius is
-0.45 of its outer one. `score_star` reads an image the way the shapes analyzer does, independently of any model:
-is the largest coloured blob purple, and is it a star (solidity, its area over its convex hull's, below 0.8: a
-circle, square or triangle is above 0.9, this star about 0.6)?
+3 px of jitter, 4x supersampling) and so do the colours (its palette), so that the words the model knows keep their
+meaning and only "star" is new; the star's inner radius is 0.45 of its outer one. (A new colour cannot be taught
+by a LoRA of the UNet: the frozen shapes VAE, trained on the four palette colours, decodes purple (140, 40, 200) as
+blue, mean (51, 94, 209).) `score_star` reads an image independently of any model: the largest shape's colour by
+the shapes analyzer (reverie.eval.shapes), and whether it is a star (solidity, its area over its convex hull's,
+below 0.8: a circle, square or triangle is above 0.9, this star about 0.6)?
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
 from .folder import check_resolution, to_tensor
-from .shapes import CANVAS, JITTER, POSITION_PHRASES, POSITIONS, SIZES, SUPERSAMPLE, ShapesDataset
+from .shapes import CANVAS, COLORS, JITTER, PALETTE, POSITION_PHRASES, POSITIONS, SIZES, SUPERSAMPLE, ShapesDataset
 
-PURPLE = (140, 40, 200)
 INNER = 0.45  # inner / outer radius
 STAR_SOLIDITY = 0.8  # below: a star; circles, squares and triangles are above 0.9
 
@@ -36,9 +37,9 @@ def star_points(x: float, y: float, radius: float) -> list[tuple[float, float]]:
 
 
 class StarsDataset(Dataset):
-    """`size` images of one purple star (sizes and positions as the shapes data set), with captions naming its
-    size and position each with probability `detail`, then `shapes` training images of the shapes data set.
-    Item i depends only on (seed, i)."""
+    """`size` images of one star of a palette colour (sizes and positions as the shapes data set), with captions
+    naming its size and position each with probability `detail`, then `shapes` training images of the shapes data
+    set. Item i depends only on (seed, i)."""
 
     def __init__(self, size: int = 50, seed: int = 0, resolution: int = 64, detail: float = 0.5, shapes: int = 0):
         if not isinstance(size, int) or size < 1:
@@ -52,16 +53,17 @@ class StarsDataset(Dataset):
         self.items = []
         for i in range(size):
             rng = np.random.default_rng([seed, 7, i])
+            color = COLORS[rng.integers(len(COLORS))]
             size_word = list(SIZES)[rng.integers(len(SIZES))]
             position = list(POSITIONS)[rng.integers(len(POSITIONS))]
             side = float(rng.uniform(*SIZES[size_word]))
             x, y = (float(np.clip(a + rng.uniform(-JITTER, JITTER), 1 + side / 2, CANVAS - 1 - side / 2))
                     for a in POSITIONS[position])
             words = [size_word] if rng.random() < detail else []
-            caption = f"a {' '.join(words + ['purple', 'star'])}"
+            caption = f"a {' '.join(words + [color, 'star'])}"
             if rng.random() < detail:
                 caption += f" {POSITION_PHRASES[position]}"
-            self.items.append((caption, x, y, side))
+            self.items.append((caption, color, x, y, side))
 
     def __len__(self) -> int:
         return len(self.items) + (len(self.prior) if self.prior is not None else 0)
@@ -69,14 +71,18 @@ class StarsDataset(Dataset):
     def image(self, index: int) -> Image.Image:
         if index >= len(self.items):
             return self.prior.image(index - len(self.items))
-        _, x, y, side = self.items[index]
+        _, color, x, y, side = self.items[index]
         scale = self.resolution * SUPERSAMPLE / CANVAS
         big = Image.new("RGB", (self.resolution * SUPERSAMPLE,) * 2, (255, 255, 255))
-        ImageDraw.Draw(big).polygon(star_points(x * scale, y * scale, side * scale / 2), fill=PURPLE)
+        ImageDraw.Draw(big).polygon(star_points(x * scale, y * scale, side * scale / 2), fill=PALETTE[color])
         return big.resize((self.resolution, self.resolution), Image.BOX)
 
     def caption(self, index: int) -> str:
         return self.items[index][0] if index < len(self.items) else self.prior.captions[index - len(self.items)]
+
+    def color(self, index: int) -> str:
+        """The colour of star `index`."""
+        return self.items[index][1]
 
     def __getitem__(self, index: int) -> dict:
         return {"image": to_tensor(self.image(index)), "caption": self.caption(index)}
@@ -130,22 +136,18 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-def score_star(image: Image.Image) -> dict:
-    """{"color": the coloured pixels are purple, "shape": they form a star, "fully_correct": both}: the
-    coloured pixels are the largest blob of those far from white; purple is the mean colour's hue within 30 degrees of PURPLE's and
-    its green channel below both others; the star test compares the blob's pixel area with the convex hull of
-    its pixels' corners."""
+def score_star(image: Image.Image, color: str) -> dict:
+    """{"color": the largest shape the shapes analyzer finds has `color`, "shape": the largest blob of non-white
+    pixels is a star (solidity below STAR_SOLIDITY), "fully_correct": both}."""
+    from ..eval.shapes import find_objects
+
+    objects = find_objects(image)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
     mask = _largest_blob((255 * 3 - rgb.sum(-1)) > 150)  # clearly not background, the biggest 8-connected part
-    if mask.sum() < 12:
+    if not objects or mask.sum() < 12:
         return {"color": False, "shape": False, "fully_correct": False}
-    mean = rgb[mask].mean(0)
-    r, g, b = mean
-    hue = math.degrees(math.atan2(math.sqrt(3) * (g - b), 2 * r - g - b)) % 360
-    target = math.degrees(math.atan2(math.sqrt(3) * (PURPLE[1] - PURPLE[2]), 2 * PURPLE[0] - PURPLE[1] - PURPLE[2])) % 360
-    color = min(abs(hue - target), 360 - abs(hue - target)) < 30 and g < min(r, b)
     ys, xs = np.nonzero(mask)
     corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
     solidity = mask.sum() / max(_hull_area(corners), 1.0)
-    shape = bool(solidity < STAR_SOLIDITY)
-    return {"color": bool(color), "shape": shape, "fully_correct": bool(color and shape)}
+    ok_color, ok_shape = objects[0].color == color, bool(solidity < STAR_SOLIDITY)
+    return {"color": ok_color, "shape": ok_shape, "fully_correct": ok_color and ok_shape}
