@@ -7,8 +7,11 @@ The geometry follows reverie.data.shapes (64x64 canvas, small 12-16 px and large
 meaning and only "star" is new; the star's inner radius is 0.45 of its outer one. (A new colour cannot be taught
 by a LoRA of the UNet: the frozen shapes VAE, trained on the four palette colours, decodes purple (140, 40, 200) as
 blue, mean (51, 94, 209).) `score_star` reads an image independently of any model: the largest shape's colour by
-the shapes analyzer (reverie.eval.shapes), and whether it is a star (solidity, its area over its convex hull's,
-below 0.8: a circle, square or triangle is above 0.9, this star about 0.6)?
+the shapes analyzer (reverie.eval.shapes), and whether it is a star: the largest blob's outline, as its radius
+against the angle around its centroid, has five-fold symmetry — the 5th Fourier harmonic of that profile is over
+STAR_HARMONIC of its mean and above the 3rd (triangles) and 4th (squares). The data set's stars give 0.08-0.2,
+circles 0, squares and triangles of the shapes data at most 0.048 (400 held-out images), the shipped model's
+images of shapes captions at most 0.035.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from .folder import check_resolution, to_tensor
 from .shapes import CANVAS, COLORS, JITTER, PALETTE, POSITION_PHRASES, POSITIONS, SIZES, SUPERSAMPLE, ShapesDataset
 
 INNER = 0.45  # inner / outer radius
-STAR_SOLIDITY = 0.8  # below: a star; circles, squares and triangles are above 0.9
+STAR_HARMONIC = 0.05  # the outline's 5th harmonic over its mean radius, above which (and above the 3rd and 4th) a blob is a star
+PROFILE_BINS = 72  # angle bins of the radius profile
 
 
 def star_points(x: float, y: float, radius: float) -> list[tuple[float, float]]:
@@ -88,24 +92,20 @@ class StarsDataset(Dataset):
         return {"image": to_tensor(self.image(index)), "caption": self.caption(index)}
 
 
-def _hull_area(points: np.ndarray) -> float:
-    """Area of the convex hull of (N, 2) points (Andrew's monotone chain, then the shoelace formula)."""
-    pts = sorted(set(map(tuple, points.tolist())))
-    if len(pts) < 3:
-        return 0.0
-
-    def half(seq):
-        out = []
-        for p in seq:
-            while len(out) >= 2 and (out[-1][0] - out[-2][0]) * (p[1] - out[-2][1]) - \
-                    (out[-1][1] - out[-2][1]) * (p[0] - out[-2][0]) <= 0:
-                out.pop()
-            out.append(p)
-        return out
-
-    hull = half(pts)[:-1] + half(reversed(pts))[:-1]
-    xs, ys = np.array([p[0] for p in hull], float), np.array([p[1] for p in hull], float)
-    return 0.5 * abs(float(np.dot(xs, np.roll(ys, -1)) - np.dot(ys, np.roll(xs, -1))))
+def outline_harmonics(mask: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """|FFT| of a blob's radius profile (the farthest pixel from the weighted centroid in each of PROFILE_BINS angle
+    bins; an empty bin takes its larger neighbour's), divided by its mean: harmonic k measures k-fold symmetry."""
+    ys, xs = np.nonzero(mask)
+    w = weights[ys, xs]
+    cy, cx = (ys * w).sum() / w.sum(), (xs * w).sum() / w.sum()
+    bins = ((np.arctan2(ys - cy, xs - cx) + np.pi) / (2 * np.pi) * PROFILE_BINS).astype(int) % PROFILE_BINS
+    profile = np.zeros(PROFILE_BINS)
+    np.maximum.at(profile, bins, np.hypot(ys - cy, xs - cx))
+    for i in range(PROFILE_BINS):
+        if profile[i] == 0:
+            profile[i] = max(profile[i - 1], profile[(i + 1) % PROFILE_BINS])
+    spectrum = np.abs(np.fft.rfft(profile))
+    return spectrum / max(spectrum[0], 1e-9)
 
 
 def _largest_blob(mask: np.ndarray) -> np.ndarray:
@@ -137,17 +137,16 @@ def _largest_blob(mask: np.ndarray) -> np.ndarray:
 
 
 def score_star(image: Image.Image, color: str) -> dict:
-    """{"color": the largest shape the shapes analyzer finds has `color`, "shape": the largest blob of non-white
-    pixels is a star (solidity below STAR_SOLIDITY), "fully_correct": both}."""
+    """{"color": the largest shape the shapes analyzer finds has `color`, "shape": the largest blob of coloured
+    pixels (max - min channel over 80) is a star by its outline's harmonics, "fully_correct": both}."""
     from ..eval.shapes import find_objects
 
     objects = find_objects(image)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
-    mask = _largest_blob((255 * 3 - rgb.sum(-1)) > 150)  # clearly not background, the biggest 8-connected part
+    saturation = rgb.max(-1) - rgb.min(-1)
+    mask = _largest_blob(saturation > 80)
     if not objects or mask.sum() < 12:
         return {"color": False, "shape": False, "fully_correct": False}
-    ys, xs = np.nonzero(mask)
-    corners = np.concatenate([np.stack([xs + dx, ys + dy], 1) for dx in (0, 1) for dy in (0, 1)])
-    solidity = mask.sum() / max(_hull_area(corners), 1.0)
-    ok_color, ok_shape = objects[0].color == color, bool(solidity < STAR_SOLIDITY)
+    h = outline_harmonics(mask, saturation)
+    ok_color, ok_shape = objects[0].color == color, bool(h[5] > STAR_HARMONIC and h[5] > max(h[3], h[4]))
     return {"color": ok_color, "shape": ok_shape, "fully_correct": ok_color and ok_shape}
