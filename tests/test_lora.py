@@ -351,3 +351,18 @@ def test_generate_lora_errors_write_nothing(tmp_path, capsys):
     assert main(["generate", "a red circle", "--lora", str(tmp_path / "xl.safetensors"), "--out", str(out)]) == 2
     assert "another architecture" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_bundled_star_lora_loads_by_name_on_the_shapes_model():
+    """src/reverie/bundled/loras/shapes-star.safetensors (configs/shapes_lora_star.toml's run): a kohya file for the
+    shipped shapes model, found by its name; merging and restoring it leaves the base weights exact."""
+    pipe = Pipeline.from_pretrained("src/reverie/bundled/shapes")
+    base = state(pipe)
+    lora = read_lora("shapes-star")
+    assert lora.path.name == "shapes-star.safetensors" and any(k.startswith("lora_te_") for k in lora.adapters)
+    pipe.set_loras([(lora, 1.0)])
+    assert any(not torch.equal(v, base[k]) for k, v in state(pipe).items())
+    pipe.set_loras([])
+    assert all(torch.equal(v, base[k]) for k, v in state(pipe).items())
+    with pytest.raises(ValueError, match="bundled LoRAs: shapes-star"):
+        read_lora("no-such-lora")

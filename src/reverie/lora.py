@@ -139,17 +139,28 @@ class LoraUse:
     unet: float = 1.0
 
 
+BUNDLED_LORAS = Path(__file__).parent / "bundled" / "loras"  # LoRAs trained by reverie, shipped with the package
+
+
+def lora_file(source) -> Path:
+    """A LoRA file's path: the path itself, else a bundled LoRA's name ("shapes-star")."""
+    path = Path(source)
+    bundled = BUNDLED_LORAS / f"{source}.safetensors"
+    return bundled if not path.exists() and bundled.is_file() else path
+
+
 def read_lora(source, *, name: str | None = None, allow_pickle: bool = False) -> LoRA:
-    """A LoRA from a .safetensors file (a .pt / .ckpt only with allow_pickle=True) or a state dict. Every key must
-    be a known factor of some module; the factors of one module must make one known kind."""
+    """A LoRA from a .safetensors file (a .pt / .ckpt only with allow_pickle=True), a bundled LoRA's name, or a
+    state dict. Every key must be a known factor of some module; the factors of one module must make one kind."""
     metadata: dict[str, str] = {}
     path = None
     if isinstance(source, dict):
         state = source
     else:
-        path = Path(source)
+        path = lora_file(source)
         if not path.is_file():
-            raise ValueError(f"LoRA: no file at {path}")
+            bundled = sorted(p.stem for p in BUNDLED_LORAS.glob("*.safetensors"))
+            raise ValueError(f"LoRA: no file at {path} (bundled LoRAs: {', '.join(bundled) or 'none'})")
         if path.suffix == ".safetensors":
             from safetensors import safe_open
             from safetensors.torch import load_file
