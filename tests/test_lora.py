@@ -366,3 +366,27 @@ def test_the_bundled_star_lora_loads_by_name_on_the_shapes_model():
     assert all(torch.equal(v, base[k]) for k, v in state(pipe).items())
     with pytest.raises(ValueError, match="bundled LoRAs: shapes-star"):
         read_lora("no-such-lora")
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_transformer_family_peft_lora_equals_diffusers(tmp_path, family):
+    """The transformer families take diffusers-format LoRAs by the same name table (transformer.<path>): SD3's
+    and FLUX's transformer weights after the merge equal diffusers' fuse_lora of the same file."""
+    from tiny_families import flux_folder, sd3_folder
+
+    folder = sd3_folder(tmp_path / "m") if family == "sd3" else flux_folder(tmp_path / "m", dev=False)
+    ours = Pipeline.from_pretrained(folder)
+    paths = [p for p, m in ours.transformer.named_modules()
+             if isinstance(m, torch.nn.Linear) and p.endswith(("to_q", "to_k", "to_out.0", "add_k_proj", "proj_mlp"))]
+    assert len(paths) >= 4
+    file = {}
+    for i, p in enumerate(paths):
+        down, up, _ = factors(ours.transformer.get_submodule(p).weight, 2, 30 + i)
+        file |= {f"transformer.{p}.lora_A.weight": down, f"transformer.{p}.lora_B.weight": up}
+    save_file(file, str(tmp_path / "t.safetensors"))
+    ours.set_loras([(tmp_path / "t.safetensors", 0.8)])
+    cls = diffusers.StableDiffusion3Pipeline if family == "sd3" else diffusers.FluxPipeline
+    theirs = theirs_fused(folder, tmp_path / "t.safetensors", 0.8, cls)
+    for p in paths:
+        a, b = ours.transformer.get_submodule(p).weight, theirs.transformer.get_submodule(p).weight
+        assert torch.allclose(a, b, atol=2e-6), p
