@@ -254,3 +254,39 @@ def test_playground_has_a_video_tab(client):
             "/v1/jobs/{job_id}/videos/{index}.gif", "/v1/models"} <= paths
     wan = next(m for m in client.get("/v1/models").json()["data"] if m["id"] == "wan")
     assert wan["video"] and wan["defaults"]["fps"] == 16 and "num_frames" in wan["options"]
+
+
+def test_image_to_video_jobs_animate_the_first_frame(tmp_path):
+    """A wan_i2v model takes the first frame as the job's image: the served MP4 is the pipeline's video for that
+    image (through the same encoder); jobs with different first frames never share a call; no image is a 422."""
+    from tiny_families import wan_i2v_folder
+
+    i2v = Pipeline.from_pretrained(wan_i2v_folder(tmp_path / "i2v"))
+    case = dict(model="i2v", prompt="dance monkey", steps=STEPS, width=32, height=32, num_frames=5)
+    frames = {}
+    with running({"i2v": i2v}, tmp_path / "store") as e:
+        client = TestClient(create_app(e, limits=LIMITS))
+        assert field_of(client.post("/v1/jobs", json=case)) == "image"
+        for seed in (3, 4):  # two first frames
+            png = io.BytesIO()
+            source_image((40, 56), seed=seed).save(png, format="PNG")
+            body = {**case, "seed": seed, "fps": 8, "image": base64.b64encode(png.getvalue()).decode()}
+            r = client.post("/v1/jobs", json=body)
+            assert r.status_code == 202, r.text
+            frames[seed] = (r.json()["id"], png.getvalue())
+        upload = {"model": (None, "i2v"), "prompt": (None, "dance monkey"), "seconds": (None, "0.5"),
+                  "steps": (None, "2"),
+                  "size": (None, "32x32"), "input_reference": ("first.png", frames[3][1], "image/png")}
+        r = client.post("/v1/videos", files=upload)  # OpenAI's Videos API: the first frame as input_reference
+        assert r.status_code == 200, r.text
+        assert e.get(r.json()["id"]).request.image == frames[3][1]
+        keys = {e._key(e.get(job_id)) for job_id, _ in frames.values()}
+        assert len(keys) == 2
+        for seed, (job_id, data) in frames.items():
+            wait_for(lambda: e.get(job_id).status == "done", what="the job")
+            with av.open(io.BytesIO(client.get(f"/v1/jobs/{job_id}/videos/0.mp4").content)) as container:
+                served = as_array([frame.to_image() for frame in container.decode(video=0)])
+            ours = Pipeline.__call__(i2v, case["prompt"], steps=STEPS, seed=[seed], width=32, height=32, num_frames=5,
+                                     image=Image.open(io.BytesIO(data)).convert("RGB"), progress=False).frames[0]
+            save_video(ours, tmp_path / f"alone{seed}.mp4", fps=8)
+            assert np.abs(served - as_array(read_video(tmp_path / f"alone{seed}.mp4"))).mean() <= 1.0

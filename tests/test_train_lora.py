@@ -52,7 +52,8 @@ def test_adapters_start_as_the_base_and_only_they_get_gradients(base):
 
 def test_a_short_run_exports_both_formats_that_load_back(base, tmp_path):
     targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1"]  # attention and the resnets' 3x3 convs (LoCon)
-    result = train(lora_config(tmp_path / "run", base, "--model.lora_text=true", f"--model.lora_targets={json.dumps(targets)}"),
+    result = train(lora_config(tmp_path / "run", base, "--model.lora_text=true",
+                               f"--model.lora_targets={json.dumps(targets)}"),
                    dataset=Squares(size=16))
     folder = result.export
     info = json.loads((folder / "lora.json").read_text())
@@ -72,7 +73,8 @@ def test_a_short_run_exports_both_formats_that_load_back(base, tmp_path):
         assert torch.allclose(p, dict(b.unet.named_parameters())[name], atol=1e-6), name
     for name, p in a.text_encoder.named_parameters():
         assert torch.allclose(p, dict(b.text_encoder.named_parameters())[name], atol=1e-6), name
-    assert any(not torch.equal(p, q) for p, q in zip(a.unet.parameters(), Pipeline.from_pretrained(base).unet.parameters()))
+    fresh = Pipeline.from_pretrained(base).unet.parameters()
+    assert any(not torch.equal(p, q) for p, q in zip(a.unet.parameters(), fresh))
 
     # merging equals running the adapters: wrap a fresh base with LoraLinear layers holding the file's factors
     wrapped = Pipeline.from_pretrained(base).unet

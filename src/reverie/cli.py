@@ -316,9 +316,9 @@ def _regenerate(args) -> None:
     if request.get("model_hash") and pipe.source is not None and model_hash(pipe.source) != request["model_hash"]:
         print(f"warning: model hash {model_hash(pipe.source)} differs from the image's {request['model_hash']}: "
               f"the image will differ", file=sys.stderr)
-    kwargs["prompt"], kwargs["negative_prompt"] = _apply_loras(pipe, args, kwargs["prompt"],
-                                                                kwargs.get("negative_prompt"), request.get("loras") or (),
-                                                                request.get("embeddings") or ())
+    kwargs["prompt"], kwargs["negative_prompt"] = _apply_loras(
+        pipe, args, kwargs["prompt"], kwargs.get("negative_prompt"), request.get("loras") or (),
+        request.get("embeddings") or ())
     result = pipe(**kwargs)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     _save(result.images[index], result, index, args.out)

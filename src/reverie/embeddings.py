@@ -71,7 +71,8 @@ def load_embedding(pipe, source, *, name: str | None = None, allow_pickle: bool 
         targets = {SDXL_KEYS[k]: v for k, v in vectors.items() if SDXL_KEYS[k] in encoders}
     if not targets:
         widths = {key: te.hidden_size for key, te in encoders.items()}
-        raise ValueError(f"embedding {name!r}: its vectors ({', '.join(f'{k or name}: {tuple(v.shape)}' for k, v in vectors.items())}) "
+        shapes = ", ".join(f"{k or name}: {tuple(v.shape)}" for k, v in vectors.items())
+        raise ValueError(f"embedding {name!r}: its vectors ({shapes}) "
                          f"fit none of this model's text encoders ({widths or 'no CLIP text encoder'})")
     for key, v in targets.items():
         te = encoders[key]

@@ -26,7 +26,7 @@ from .folder import check_resolution, to_tensor
 from .shapes import CANVAS, COLORS, JITTER, PALETTE, POSITION_PHRASES, POSITIONS, SIZES, SUPERSAMPLE, ShapesDataset
 
 INNER = 0.45  # inner / outer radius
-STAR_HARMONIC = 0.05  # the outline's 5th harmonic over its mean radius, above which (and above the 3rd and 4th) a blob is a star
+STAR_HARMONIC = 0.05  # the outline's 5th harmonic over its mean radius above which (and the 3rd's and 4th's) a star
 PROFILE_BINS = 72  # angle bins of the radius profile
 
 

@@ -33,6 +33,7 @@ class Family:
     schedule_kind = "vp"  # "vp" (discrete DDPM: DiscreteSchedule) or "flow" (rectified flow: FlowSchedule)
     controlnet = False  # ControlNet support
     edits = True  # img2img, inpainting and the denoising_end / denoising_start hand-off (image families)
+    first_frame = None  # video families conditioned on a first frame (image=): "required" or "optional"
     defaults = dict(steps=30, guidance_scale=7.5, sampler="dpmpp_2m")  # sampler None: the folder's scheduler
     options: tuple[str, ...] = ()  # family-specific keyword arguments of Pipeline.__call__ (besides clip_skip)
 

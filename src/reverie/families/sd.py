@@ -19,7 +19,7 @@ class SD(Family):
                         "StableDiffusionControlNetPipeline", "LatentConsistencyModelPipeline")
     network = "unet"
     controlnet = True
-    options = ("prompt_syntax",)  # "a1111" / "no_norm" / "comfy": read (word:1.2) emphasis and BREAK (reverie.prompt_syntax)
+    options = ("prompt_syntax",)  # "a1111" / "no_norm" / "comfy": (word:1.2) emphasis and BREAK (reverie.prompt_syntax)
     defaults = dict(steps=30, guidance_scale=7.5, sampler="dpmpp_2m")
     lcm_defaults = dict(steps=4, guidance_scale=8.5, sampler="lcm")  # diffusers' LatentConsistencyModelPipeline
 

@@ -29,6 +29,7 @@ PIPELINE_CLASS = "ReverieVideoPipeline"
 
 class Spacetime(Wan):
     name = "spacetime"
+    first_frame = "optional"
     pipeline_classes = (PIPELINE_CLASS,)
     defaults = dict(steps=20, guidance_scale=5.0, sampler=None)  # the folder's scheduler (FlowMatchEuler), as mmdit
     options = ("num_frames",)  # and image= (conditioning_image)

@@ -138,6 +138,7 @@ class WanI2V(Wan):
     network call sees [latents (z), mask (t), image latents (z)]: in_channels = 16 + 4 + 16 = 36."""
 
     name = "wan_i2v"
+    first_frame = "required"
     pipeline_classes = ("WanImageToVideoPipeline",)
 
     def load_folder(self, path: Path, *, variant=None, **options):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import hashlib
 import io
 import logging
 import math
@@ -515,7 +516,10 @@ class Engine:
         self.metrics.observe("batch_jobs", len(batch))
         log.info("batch started", extra={"jobs": [j.id for j in batch], "images": images})
         callback = _StepCallback(self, pipe, batch, active)
-        kwargs = _edit_kwargs(batch, self.controlnets) | families.call_options(r0)  # equal for the batch (_key)
+        if pipe.family.first_frame and r0.image is not None:  # image-to-video: the first frame, not an edit
+            kwargs = {"image": _open_image("image", r0.image).convert("RGB")} | families.call_options(r0)
+        else:
+            kwargs = _edit_kwargs(batch, self.controlnets) | families.call_options(r0)  # equal for the batch (_key)
         common = dict(negative_prompt=negatives, steps=r0.steps, seed=seeds, callback=callback, progress=False,
                       guidance_scale=scales if len(set(scales)) > 1 else scales[0])
         if r0.refiner is not None:
@@ -737,6 +741,8 @@ def _edit_key(r: Request) -> tuple:
     that apply to the whole call, and the source image's size (a call stacks its source images and masks
     before resizing them; control images are resized one by one). () for plain text-to-image."""
     key = ()
+    if r.image is not None and r.num_frames is not None:  # a video's first frame: one per call, shared
+        return ("first_frame", hashlib.sha256(r.image).hexdigest())
     if r.image is not None:
         mask = None if r.mask is None else _image_size(r.mask)
         key += ("image", _image_size(r.image), mask, r.strength)

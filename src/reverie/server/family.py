@@ -142,9 +142,13 @@ def check(pipe, r: Request, video_format: str = "mp4") -> None:
 def _check_video(pipe, r: Request, video_format: str) -> None:
     """A video request: num_frames by the family's rule (Wan: 1 + 4k), fps for the stored format, and none of the
     image-only fields."""
+    first_frame = pipe.family.first_frame
+    if first_frame == "required" and r.image is None:
+        raise FieldError("image", f"a {pipe.family.name} model animates a first frame: send it as image")
     for name in IMAGE_ONLY:
-        if getattr(r, name) is not None:
-            raise FieldError(name, f"{pipe.family.name} models make videos from text only here (no img2img, "
+        if getattr(r, name) is not None and not (name == "image" and first_frame):
+            raise FieldError(name, f"{pipe.family.name} models make videos from text"
+                                   f"{' or a first frame (image)' if first_frame else ''} only here (no img2img, "
                                    f"inpainting, ControlNet or refiner)")
     try:
         pipe.family.check_options({"num_frames": r.num_frames})
@@ -243,6 +247,10 @@ def warm_up_call(pipe) -> dict:
     size = min(pipe.default_size, multiple * max(1, -(-64 // multiple)))
     prompt = 0 if pipe.family.prompt_kind == "class" else "warm-up"
     frames = dict(num_frames=1) if is_video(pipe) else {}  # one frame: the family's default is 81
+    if pipe.family.first_frame == "required":  # image-to-video: a grey first frame
+        from PIL import Image
+
+        frames["image"] = Image.new("RGB", (size, size), (128, 128, 128))
     return dict(prompt=prompt, steps=1, seed=0, sampler="euler", width=size, height=size, progress=False, **frames)
 
 

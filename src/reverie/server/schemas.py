@@ -139,7 +139,7 @@ class OpenAIVideoBody(BaseModel):
     seconds: str | float | None = Field(None, description="clip length; frames = seconds * fps rounded to the "
                                                           "model's rule (Wan: 1 + 4k); null: the model's default")
     size: str | None = Field(None, description="WIDTHxHEIGHT; null: the model's default (Wan: 832x480)")
-    input_reference: str | None = Field(None, description="an image to start from: not supported by these models")
+    input_reference: str | None = Field(None, description="the first frame, an uploaded file (image-to-video models)")
     negative_prompt: str = ""
     steps: int | None = Steps
     guidance_scale: float | None = Scale

@@ -1,7 +1,8 @@
 """OpenAI-compatible video generation, the Videos API of Sora 2 (OpenAI API reference, 2025), over reverie's video
 models (Wan):
 
-    POST   /v1/videos               form or JSON fields model, prompt, seconds, size "WxH", input_reference
+    POST   /v1/videos               form or JSON fields model, prompt, seconds, size "WxH", input_reference (an
+                                    uploaded first frame, for image-to-video models: wan_i2v, spacetime)
                                     -> a video object {id, object: "video", status, progress, created_at, model,
                                     seconds, size, ...}
     GET    /v1/videos/{id}          the video object; status queued | in_progress | completed | failed
@@ -56,16 +57,20 @@ def video_object(job: Job) -> dict:
                 remixed_from_video_id=None, num_frames=r.num_frames, fps=r.fps, seed=r.seed)
 
 
-def request_for(engine: Engine, body: OpenAIVideoBody) -> tuple[Request, dict]:
-    """The engine Request for a video body and the names its errors take (engine field -> this API's field)."""
+def request_for(engine: Engine, body: OpenAIVideoBody, reference: bytes | None = None) -> tuple[Request, dict]:
+    """The engine Request for a video body and the names its errors take (engine field -> this API's field);
+    `reference`: the uploaded input_reference image, an image-to-video model's first frame."""
     model = body.model or engine.default_model
     pipe = engine.models.get(model)
     if pipe is not None and not families.is_video(pipe):
         videos = [name for name, p in engine.models.items() if families.is_video(p)]
         raise FieldError("model", f"{model!r} makes images; video models here: {videos}")
-    if body.input_reference is not None:
-        raise FieldError("input_reference", "the served video models are text-to-video (Wan 2.1 T2V): no image "
-                                            "to start from")
+    if body.input_reference is not None and reference is None:
+        raise FieldError("input_reference", "upload the first frame as a file (multipart/form-data)")
+    if reference is not None and pipe is not None and not pipe.family.first_frame:
+        starts = [name for name, p in engine.models.items() if p.family.first_frame]
+        raise FieldError("input_reference", f"{model!r} is text-to-video: no image to start from (image-to-video "
+                                            f"models here: {starts})")
     width, height = parse_size(body.size)
     names = {"width": "size", "height": "size"}
     frames = body.num_frames
@@ -84,7 +89,8 @@ def request_for(engine: Engine, body: OpenAIVideoBody) -> tuple[Request, dict]:
     request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                       guidance_scale=body.guidance_scale, sampler=body.sampler, scheduler=body.scheduler,
                       seed=body.seed, width=width, height=height, model=body.model, num_frames=frames, fps=body.fps,
-                      shift=body.shift, max_sequence_length=body.max_sequence_length)
+                      shift=body.shift, max_sequence_length=body.max_sequence_length, image=reference)
+    names["image"] = "input_reference"
     return request, names
 
 
@@ -138,13 +144,15 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
     async def create(http: HTTPRequest) -> dict:
         """Queue a video; answers at once with the video object (status queued). Poll GET /v1/videos/{id}."""
         fields = await read_fields(http)
-        if isinstance(fields.get("input_reference"), bytes):
+        reference = fields.get("input_reference")
+        reference = reference if isinstance(reference, bytes) else None
+        if reference is not None:
             fields["input_reference"] = "(an uploaded file)"
         try:
             body = OpenAIVideoBody.model_validate(fields)
         except ValidationError as e:
             raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
-        request, names = request_for(engine, body)
+        request, names = request_for(engine, body, reference)
         job = engine.submit(prepare(engine, limits, request, names), kind="job")
         return video_object(job)
 
