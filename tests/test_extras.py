@@ -142,6 +142,10 @@ def test_a1111_txt2img_hires_variation_and_tiling(tmp_path):
                          steps=3, guidance_scale=6.0, sampler="Euler", seed=[5], progress=False)
         assert got.shape == (128, 128, 3) and np.abs(got - arrays(want)[0]).mean() <= 1.0
         assert "Hires upscale: 2.0" in json.loads(r.json()["info"])["infotexts"][0]
+        r = client.post("/sdapi/v1/txt2img", json=body | dict(enable_hr=True, hr_resize_x=96, denoising_strength=0.3))
+        assert pixels(base64.b64decode(r.json()["images"][0])).shape == (96, 96, 3)  # the aspect kept
+        infotext = json.loads(r.json()["info"])["infotexts"][0]
+        assert "Hires resize: 96x0" in infotext and "Hires upscale:" not in infotext  # as A1111 writes them
 
         r = client.post("/sdapi/v1/txt2img", json=body | dict(subseed=9, subseed_strength=0.4, tiling=True))
         info = json.loads(r.json()["info"])

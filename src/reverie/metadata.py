@@ -142,7 +142,8 @@ def infotext(params: dict) -> str:
         "Denoising strength": p.get("strength"),
         "Variation seed": p.get("subseed") if p.get("subseed_strength") else None,
         "Variation seed strength": p.get("subseed_strength") or None,
-        "Hires upscale": p.get("hr_scale"), "Hires steps": p.get("hr_second_pass_steps") or None,
+        "Hires upscale": None if p.get("hr_resize_x") or p.get("hr_resize_y") else p.get("hr_scale"),
+        "Hires steps": p.get("hr_second_pass_steps") or None,
         "Hires upscaler": p.get("hr_upscaler"),
         "Hires resize": f"{p['hr_resize_x']}x{p['hr_resize_y']}" if p.get("hr_resize_x") or p.get("hr_resize_y")
         else None,

@@ -76,7 +76,8 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                     tiling=body.tiling)
         if body.enable_hr and "image" not in edit:  # A1111: the hires fix is a txt2img option
             edit |= dict(hr_scale=body.hr_scale, hr_upscaler=body.hr_upscaler or "Latent",
-                         hr_second_pass_steps=body.hr_second_pass_steps, hr_strength=body.denoising_strength)
+                         hr_second_pass_steps=body.hr_second_pass_steps, hr_strength=body.denoising_strength,
+                         hr_resize_x=body.hr_resize_x, hr_resize_y=body.hr_resize_y)
         request = Request(prompt=body.prompt, negative_prompt=body.negative_prompt, steps=body.steps,
                           guidance_scale=guidance, sampler=body.sampler_name or body.sampler_index,
                           scheduler=body.scheduler, seed=None if body.seed == -1 else body.seed, width=body.width,

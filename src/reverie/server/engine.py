@@ -436,7 +436,8 @@ class Engine:
             job.key = (r.model, r.width, r.height, families.sampler_choice(pipe, r.sampler, r.scheduler), r.steps,
                        r.shift, families.conditioning_key(pipe, r), _edit_key(r), refiner,
                        tuple(tuple(item) for item in r.loras or ()), r.tiling, r.subseed_strength, r.prompt_syntax,
-                       (r.hr_scale, r.hr_upscaler, r.hr_second_pass_steps, r.hr_strength) if r.hr_scale else None)
+                       (r.hr_scale, r.hr_upscaler, r.hr_second_pass_steps, r.hr_strength, r.hr_resize_x,
+                        r.hr_resize_y) if r.hr_scale else None)
         return job.key
 
     def _expire_queued(self) -> None:  # holding self._cond
@@ -534,7 +535,8 @@ class Engine:
         call = pipe
         if r0.hr_scale:
             call = functools.partial(hires_fix, pipe, hr_scale=r0.hr_scale, hr_upscaler=r0.hr_upscaler,
-                                     hr_second_pass_steps=r0.hr_second_pass_steps, denoising_strength=r0.hr_strength)
+                                     hr_second_pass_steps=r0.hr_second_pass_steps, denoising_strength=r0.hr_strength,
+                                     hr_resize_x=r0.hr_resize_x, hr_resize_y=r0.hr_resize_y)
         result = call(prompts, sampler=r0.sampler, scheduler=r0.scheduler, width=r0.width, height=r0.height,
                       **common, **kwargs)
         if r0.refiner is not None:
@@ -698,6 +700,9 @@ def _check_extras(r: Request) -> None:
             raise FieldError("denoising_strength", f"must be in [0, 1]; got {r.hr_strength}")
         if r.hr_second_pass_steps < 0:
             raise FieldError("hr_second_pass_steps", f"must be >= 0; got {r.hr_second_pass_steps}")
+        for name in ("hr_resize_x", "hr_resize_y"):
+            if not 0 <= getattr(r, name) <= 2048:
+                raise FieldError(name, f"must be in [0, 2048] (0: by hr_scale); got {getattr(r, name)}")
         if r.image is not None or r.refiner is not None or r.control_image is not None:
             raise FieldError("enable_hr", "the hires fix is for text-to-image without a refiner or ControlNet")
     if not 0 <= r.subseed_strength <= 1:

@@ -71,6 +71,8 @@ class Request:
     hr_upscaler: str = "Latent"  # reverie.hires.UPSCALERS
     hr_second_pass_steps: int = 0  # 0: the first pass's steps
     hr_strength: float = 0.7  # the hires pass's denoising strength
+    hr_resize_x: int = 0  # the hires pass's width instead of hr_scale (0: by hr_scale; one given keeps the aspect)
+    hr_resize_y: int = 0
     subseed: int | None = None  # A1111's variation seed (image i: subseed + i); None draws one when used
     subseed_strength: float = 0.0
     tiling: bool = False  # seamless images (circular padding)

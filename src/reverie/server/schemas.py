@@ -187,6 +187,8 @@ class Txt2ImgBody(FamilyOptions):
                                                         "(bicubic antialiased), Latent (nearest), Latent "
                                                         "(nearest-exact), Lanczos or Nearest")
     hr_second_pass_steps: int = Field(0, ge=0, description="0: the first pass's steps")
+    hr_resize_x: int = Field(0, ge=0, le=2048, description="the hires width instead of hr_scale (0: by hr_scale)")
+    hr_resize_y: int = Field(0, ge=0, le=2048, description="the hires height instead of hr_scale (0: by hr_scale)")
     denoising_strength: float = Field(0.7, ge=0, le=1, allow_inf_nan=False,
                                       description="txt2img: the hires pass's strength; img2img: the edit's")
     subseed: int = Field(-1, ge=-1, le=MAX_SEED, description="the variation seed; -1: random")
