@@ -53,6 +53,9 @@ def test_variation_seeds(pipe):
     assert np.abs(arrays(full) - arrays(pipe("a red circle", seed=[9], **common))).mean() < 0.5
     half = pipe("a red circle", seed=[3], subseed=[9], subseed_strength=0.5, **common)
     assert half.params["subseed"] == 9 and half.params["subseed_strength"] == 0.5
+    drawn = pipe("a red circle", seed=[3], subseed_strength=0.5, **common)  # no subseed: one is drawn, and recorded
+    again = pipe("a red circle", seed=[3], subseed=[drawn.params["subseed"]], subseed_strength=0.5, **common)
+    assert np.array_equal(arrays(drawn), arrays(again))
     assert np.abs(arrays(half) - arrays(base)).mean() > 1
     with pytest.raises(ValueError, match="subseed_strength must be a number in"):
         variation_noise((1, 3, 4, 4), None, None, 1.5)

@@ -13,7 +13,7 @@ from tiny_families import sd_folder
 from reverie import Pipeline
 from reverie.lora import read_lora
 from reverie.train import load_config, train
-from reverie.train.lora import LoraLinear, add_lora_layers
+from reverie.train.lora import LoraLayer, add_lora_layers
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -76,7 +76,7 @@ def test_a_short_run_exports_both_formats_that_load_back(base, tmp_path):
     fresh = Pipeline.from_pretrained(base).unet.parameters()
     assert any(not torch.equal(p, q) for p, q in zip(a.unet.parameters(), fresh))
 
-    # merging equals running the adapters: wrap a fresh base with LoraLinear layers holding the file's factors
+    # merging equals running the adapters: wrap a fresh base with LoraLayer adapters holding the file's factors
     wrapped = Pipeline.from_pretrained(base).unet
     layers = add_lora_layers(wrapped, targets, 2, 3.0, "UNet")
     assert any(isinstance(layer.base, torch.nn.Conv2d) for layer in layers.values())
@@ -104,4 +104,4 @@ def test_lora_task_errors(base, tmp_path):
         train(lora_config(tmp_path / "b", base, '--model.lora_targets=["norm1"]'), dataset=Squares())
     with pytest.raises(ValueError, match="lora_rank"):
         train(lora_config(tmp_path / "c", base, "--model.lora_rank=0"), dataset=Squares())
-    assert isinstance(LoraLinear(torch.nn.Linear(3, 4), 2, 2.0).up, torch.nn.Linear)
+    assert isinstance(LoraLayer(torch.nn.Linear(3, 4), 2, 2.0).up, torch.nn.Linear)

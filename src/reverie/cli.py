@@ -93,7 +93,7 @@ def _apply_loras(pipe, args, prompt, negative, recorded=(), embeddings=()):
     image recorded (--from) and the prompt's <lora:name:te:unet> tags (files in --lora-dir), merged into the
     pipeline. Returns the prompt and negative prompt without their tags (A1111 removes them from both; the
     positive prompt's pick the LoRAs)."""
-    from .lora import LoraUse, find_lora, parse_lora_option, prompt_loras, read_lora
+    from .lora import LoraFolder, LoraUse, parse_lora_option, prompt_loras, read_lora
     from .prompt_syntax import extract_networks
 
     from .embeddings import embedding_files
@@ -120,7 +120,8 @@ def _apply_loras(pipe, args, prompt, negative, recorded=(), embeddings=()):
             if args.lora_dir is None:
                 raise ValueError(f"--from: the image was made with LoRA {record['name']!r} ({path}), which is not "
                                  f"there; pass --lora-dir")
-            path = find_lora(record["name"], args.lora_dir)
+            uses.append(LoraUse(LoraFolder(args.lora_dir).get(record["name"]), record["text"], record["unet"]))
+            continue
         uses.append(LoraUse(read_lora(path, name=record["name"]), record["text"], record["unet"]))
     many = isinstance(prompt, list)
     prompts, tagged = prompt_loras(prompt if many else [prompt], args.lora_dir)

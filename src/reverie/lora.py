@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -306,7 +307,12 @@ class _Patch:
 def resolve(pipe, uses: Iterable[LoraUse]) -> list[_Patch]:
     """Each adapter of each LoRA matched to its module and checked against its weight's shape; nothing changes.
     A key that names no module of this pipeline is a ValueError naming it."""
-    table = module_names(pipe)
+    uses = list(uses)
+    if not uses:
+        return []
+    table = pipe.__dict__.get("_lora_names")
+    if table is None:  # the modules never change: the table is built once per pipeline
+        table = pipe.__dict__["_lora_names"] = module_names(pipe)
     patches = []
     for use in uses:
         unknown = [stem for stem in use.lora.adapters if stem not in table]
@@ -430,37 +436,57 @@ def _is_number(text: str) -> bool:
 LORA_SUFFIXES = (".safetensors",)
 
 
-def find_lora(name: str, lora_dir) -> Path:
-    """A LoRA named in a prompt tag: `lora_dir/NAME.safetensors` (subfolders searched too), else the file whose
-    metadata alias (ss_output_name) is NAME, as A1111 finds them."""
-    root = Path(lora_dir)
-    if not root.is_dir():
-        raise ValueError(f"lora_dir: {root} is not a folder")
-    files = sorted(p for p in root.rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file())
-    for path in files:
-        if path.stem == name:
-            return path
-    for path in files:
-        if _metadata(path).get("ss_output_name") == name:
-            return path
-    names = sorted({p.stem for p in files})
-    raise ValueError(f"prompt: <lora:{name}>: no LoRA of that name in {root} (it has: "
-                     f"{', '.join(names[:20]) or 'none'}{', ...' if len(names) > 20 else ''})")
+class LoraFolder:
+    """LoRA files under a folder (A1111's --lora-dir; subfolders too), by name: the file's stem, else its
+    metadata alias (ss_output_name), as A1111 finds them. Each file is parsed once (again when it changes);
+    `refresh` scans the folder again."""
 
+    def __init__(self, folder=None):
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None and not self.folder.is_dir():
+            raise ValueError(f"lora_dir: {self.folder} is not a folder")
+        self._lock = threading.Lock()
+        self._files: dict[str, Path] = {}
+        self._parsed: dict[tuple, LoRA] = {}  # (path, mtime_ns, size) -> LoRA
+        self.refresh()
 
-def _metadata(path: Path) -> dict:
-    from safetensors import safe_open
+    def refresh(self) -> None:
+        files = {}
+        if self.folder is not None:
+            for path in sorted(p for p in self.folder.rglob("*") if p.suffix in LORA_SUFFIXES and p.is_file()):
+                files.setdefault(path.stem, path)
+        with self._lock:
+            self._files = files
 
-    try:
-        with safe_open(str(path), "pt") as f:
-            return dict(f.metadata() or {})
-    except Exception:  # noqa: BLE001 - an unreadable file is named when it is loaded, not while listing
-        return {}
+    def names(self) -> list[str]:
+        return sorted(self._files)
+
+    def get(self, name: str) -> LoRA:
+        path = self._files.get(name)
+        if path is None:
+            path = next((p for p in self._files.values() if self._load(p).metadata.get("ss_output_name") == name),
+                        None)
+        if path is None:
+            has = ", ".join(self.names()[:20]) or "none"
+            where = f"in {self.folder} (it has: {has})" if self.folder is not None else "(no LoRA folder: --lora-dir)"
+            raise ValueError(f"<lora:{name}>: no LoRA of that name {where}")
+        return self._load(path, name)
+
+    def _load(self, path: Path, name: str | None = None) -> LoRA:
+        stat = path.stat()
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        with self._lock:
+            lora = self._parsed.get(key)
+        if lora is None:
+            lora = read_lora(path, name=name or path.stem)
+            with self._lock:
+                self._parsed[key] = lora
+        return lora
 
 
 def prompt_loras(prompts, lora_dir) -> tuple[list[str], list[LoraUse]]:
     """A1111's `<lora:name:te:unet>` tags: every prompt without its tags, and the LoRAs of the first prompt's
-    tags (A1111 takes a batch's networks from its first prompt) found in lora_dir."""
+    tags (A1111 takes a batch's networks from its first prompt) found in lora_dir (a folder or a LoraFolder)."""
     from .prompt_syntax import extract_networks
 
     texts, uses = [], []
@@ -476,8 +502,8 @@ def prompt_loras(prompts, lora_dir) -> tuple[list[str], list[LoraUse]]:
                                  f"(--lora-dir, or the server's --lora-dir)")
             if any(t.dyn is not None for t in tags):
                 raise ValueError("prompt: <lora:...:dyn=N> (rank truncation) is not supported")
-            uses += [LoraUse(read_lora(find_lora(t.name, lora_dir), name=t.name), t.te_weight, t.unet_weight)
-                     for t in tags]
+            folder = lora_dir if isinstance(lora_dir, LoraFolder) else LoraFolder(lora_dir)
+            uses += [LoraUse(folder.get(t.name), t.te_weight, t.unet_weight) for t in tags]
     return texts, uses
 
 

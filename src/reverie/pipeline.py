@@ -637,7 +637,8 @@ class Pipeline:
                 if source is not None or latents is not None:
                     raise ValueError("subseed_strength: variation seeds are for text-to-image (no image, "
                                      "init_latents or latents)")
-                latents = variation_noise(shape, generator, self._generators(subseed, batch)[0], subseed_strength)
+                subgenerator, subseeds = self._generators(subseed, batch)  # None draws one: recorded below
+                latents = variation_noise(shape, generator, subgenerator, subseed_strength)
             plan = self._start(sampling, source, sigmas, choice, generator, latents, shape)  # txt2img, img2img, ...
         sigmas, x = plan.sigmas, plan.x
         controls = control.prepare(controlnet, control_image, controlnet_conditioning_scale, control_guidance_start,
@@ -684,6 +685,5 @@ class Pipeline:
         if self.__dict__.get("_freeu"):
             params["freeu"] = list(self._freeu)  # s1, s2, b1, b2
         if subseed_strength:
-            params |= dict(subseed=self._generators(subseed, batch)[1][0] if subseed is not None else None,
-                           subseed_strength=float(subseed_strength))
+            params |= dict(subseed=subseeds[0], subseed_strength=float(subseed_strength))
         return self._checked(_result(images, x.cpu(), params), seed)

@@ -29,56 +29,41 @@ PEFT_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name: unet.*.lora_A
 TEXT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class LoraLinear(nn.Module):
-    """A frozen Linear plus a trainable low-rank update: base(x) + scale * up(down(x))."""
+class LoraLayer(nn.Module):
+    """A frozen Linear or Conv2d plus a trainable low-rank update: base(x) + scale * up(down(x)). For a Conv2d
+    (kohya's LoCon) down is a conv of the base's kernel, stride and padding into r channels, up a 1x1 conv."""
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base: nn.Linear | nn.Conv2d, rank: int, alpha: float):
         super().__init__()
         self.base = base
-        self.down = nn.Linear(base.in_features, rank, bias=False)
-        self.up = nn.Linear(rank, base.out_features, bias=False)
+        if isinstance(base, nn.Conv2d):
+            self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
+                                  bias=False, padding_mode=base.padding_mode)
+            self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
+        else:
+            self.down = nn.Linear(base.in_features, rank, bias=False)
+            self.up = nn.Linear(rank, base.out_features, bias=False)
         nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
         nn.init.zeros_(self.up.weight)
         self.scale = alpha / rank
 
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + self.scale * self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
-
-
-class LoraConv(nn.Module):
-    """A frozen Conv2d plus a trainable low-rank update (kohya's LoCon): down is a conv of the base's kernel,
-    stride and padding into r channels, up a 1x1 conv out of them."""
-
-    def __init__(self, base: nn.Conv2d, rank: int, alpha: float):
-        super().__init__()
-        self.base = base
-        self.down = nn.Conv2d(base.in_channels, rank, base.kernel_size, base.stride, base.padding, base.dilation,
-                              bias=False, padding_mode=base.padding_mode)
-        self.up = nn.Conv2d(rank, base.out_channels, 1, bias=False)
-        nn.init.kaiming_uniform_(self.down.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.up.weight)
-        self.scale = alpha / rank
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.base(x) + self.scale * self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
-
-
-ADAPTERS = {nn.Linear: LoraLinear, nn.Conv2d: LoraConv}
 
 
 def add_lora_layers(root: nn.Module, targets, rank: int, alpha: float, what: str) -> dict[str, nn.Module]:
     """Wrap every Linear or Conv2d of `root` whose path ends with a target ("to_q", "to_out.0", "conv1");
-    path -> its LoraLinear / LoraConv."""
+    path -> its LoraLayer."""
     found = {}
     for path, module in list(root.named_modules()):
         if not any(path == t or path.endswith("." + t) for t in targets):
             continue
-        if type(module) not in ADAPTERS:
+        if type(module) not in (nn.Linear, nn.Conv2d):
             raise ValueError(f"model.lora_targets: {what} module {path} is a {type(module).__name__}; LoRA training "
                              f"takes Linear and Conv2d layers")
         parent_path, _, child = path.rpartition(".")
         parent = root.get_submodule(parent_path) if parent_path else root
-        found[path] = ADAPTERS[type(module)](module, rank, alpha)
+        found[path] = LoraLayer(module, rank, alpha)
         parent._modules[child] = found[path]
     if not found:
         raise ValueError(f"model.lora_targets {list(targets)}: no {what} module's name ends with one of them")
@@ -135,7 +120,7 @@ class LoraTask(UNetTask):
         out = {}
         for component, root in roots.items():
             out[component] = {path: (m.down.weight.detach().float().cpu(), m.up.weight.detach().float().cpu())
-                              for path, m in root.named_modules() if isinstance(m, (LoraLinear, LoraConv))}
+                              for path, m in root.named_modules() if isinstance(m, LoraLayer)}
         return out
 
     def export(self, ema_objective: DiffusionObjective, path: Path) -> Path:
