@@ -310,9 +310,9 @@ def resolve(pipe, uses: Iterable[LoraUse]) -> list[_Patch]:
     uses = list(uses)
     if not uses:
         return []
-    table = pipe.__dict__.get("_lora_names")
-    if table is None:  # the modules never change: the table is built once per pipeline
-        table = pipe.__dict__["_lora_names"] = module_names(pipe)
+    if pipe._lora_names is None:  # the modules never change: the table is built once per pipeline
+        pipe._lora_names = module_names(pipe)
+    table = pipe._lora_names
     patches = []
     for use in uses:
         unknown = [stem for stem in use.lora.adapters if stem not in table]
@@ -398,8 +398,9 @@ def set_loras(pipe, loras) -> None:
     """Merge `loras` into the pipeline, replacing the set merged before (an empty list restores the weights
     exactly). Each item: a LoraUse, a LoRA or path (strength 1), or (LoRA or path, strength) /
     (LoRA or path, text strength, unet strength)."""
-    state = pipe.__dict__.setdefault("_lora_state", LoraState())
-    state.merge(pipe, [as_use(item) for item in loras])
+    if pipe._lora_state is None:
+        pipe._lora_state = LoraState()
+    pipe._lora_state.merge(pipe, [as_use(item) for item in loras])
 
 
 def as_use(item) -> LoraUse:

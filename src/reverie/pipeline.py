@@ -156,6 +156,10 @@ class Pipeline:
                offload=False, scheduler_config=None):
         self.family, self.components, self.schedule = family, dict(components), schedule
         self.sampling = sampling_for(schedule)
+        # what the features change (reverie.lora, reverie.embeddings, set_tiling, enable_freeu)
+        self.embeddings: dict[str, Path] = {}  # loaded textual inversions: name -> file
+        self._lora_state = self._lora_names = None
+        self._tiling, self._freeu = False, None
         for key, component in self.components.items():
             setattr(self, key, component)
         self.network = self.components[family.network]
@@ -191,13 +195,13 @@ class Pipeline:
         from .embeddings import load_embedding
 
         name = load_embedding(self, source, name=name, allow_pickle=allow_pickle)
-        self.__dict__.setdefault("embeddings", {})[name] = Path(source)
+        self.embeddings[name] = Path(source)
         return name
 
     @property
     def loras(self) -> list:
         """The merged LoRAs (reverie.lora.LoraUse), in the order they were given."""
-        state = self.__dict__.get("_lora_state")
+        state = self._lora_state
         return list(state.active) if state else []
 
     # --- loading and saving -------------------------------------------------------------------------
@@ -324,7 +328,7 @@ class Pipeline:
 
             result.params["loras"] = [lora_record(use) for use in self.loras]
         texts = " ".join(str(p) for key in ("prompt", "negative_prompt") for p in result.params.get(key) or [] if p)
-        used = {name: path for name, path in self.__dict__.get("embeddings", {}).items() if name in texts}
+        used = {name: path for name, path in self.embeddings.items() if name in texts}
         if used:
             from .lora import lora_hash
 
@@ -540,7 +544,7 @@ class Pipeline:
 
     @property
     def tiling(self) -> bool:
-        return self.__dict__.get("_tiling", False)
+        return self._tiling
 
     def set_tiling(self, enabled: bool) -> None:
         """Seamless (tileable) images, as A1111's Tiling: every 2-D convolution of the network and the VAE pads
@@ -682,7 +686,7 @@ class Pipeline:
         params |= plan.params
         if self.tiling:
             params["tiling"] = True
-        if self.__dict__.get("_freeu"):
+        if self._freeu:
             params["freeu"] = list(self._freeu)  # s1, s2, b1, b2
         if subseed_strength:
             params |= dict(subseed=subseeds[0], subseed_strength=float(subseed_strength))

@@ -87,6 +87,7 @@ class TextEncoder(nn.Module):
         self.bos_id, self.eos_id, self.pad_id = (getattr(tokenizer, name) for name in names)
         self.text_model = text_model
         self.tokenizer = tokenizer
+        self.expansions: dict[str, str] = {}  # textual inversion: name -> its tokens (add_embedding)
 
     @property
     def is_clip(self) -> bool:
@@ -185,12 +186,11 @@ class TextEncoder(nn.Module):
             table = self.text_model.get_input_embeddings()
         with torch.no_grad():
             table.weight[ids] = vectors.to(table.weight.dtype).to(table.weight.device)
-        self.__dict__.setdefault("expansions", {})[name] = " ".join(tokens)
+        self.expansions[name] = " ".join(tokens)
 
     def expand_embeddings(self, prompts: list[str]) -> list[str]:
         """Each loaded embedding's NAME written out as its n tokens (a plain replace, as diffusers does)."""
-        expansions = self.__dict__.get("expansions") or {}
-        for name, tokens in expansions.items():
+        for name, tokens in self.expansions.items():
             if tokens != name:
                 prompts = [p.replace(name, tokens) for p in prompts]
         return prompts
