@@ -790,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.set_defaults(run=_prompt)
     _add_output_parsers(sub)
     _add_serve_parser(sub)
+    _add_worker_parser(sub)
     return parser
 
 
@@ -814,7 +815,35 @@ def _serve(args) -> None:
     from .server.cli import serve
 
     path = model_path(args.model)  # checked now: a wrong --model fails before the port opens
-    serve(args, path.stem, lambda: _load(args, args.model))
+    serve(args, {path.stem: lambda: _load(args, args.model)})
+
+
+def _add_worker_parser(sub) -> None:
+    """Command `worker`."""
+    from .server.cli import add_arguments
+
+    worker = sub.add_parser("worker", help="run jobs from a shared PostgreSQL queue (reverie serve --store) without "
+                                           "an HTTP API; /health and /metrics on --port")
+    worker.add_argument("--model", action="append", default=None,
+                        help="a model this worker holds (repeatable; the first is the default): a bundled model's "
+                             "name (shapes, the default, or emoji) or a model path")
+    worker.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
+    worker.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    _add_safety_arguments(worker)
+    add_arguments(worker, worker=True)
+    worker.set_defaults(run=_worker)
+
+
+def _worker(args) -> None:
+    from .server.cli import serve
+
+    models = {}
+    for model in args.model or [None]:
+        path = model_path(model)
+        if path.stem in models:
+            raise ValueError(f"--model: {model!r} is given twice (as {path.stem!r})")
+        models[path.stem] = lambda model=model: _load(args, model)
+    serve(args, models, role="worker")
 
 
 def _add_output_parsers(sub) -> None:

@@ -29,9 +29,9 @@ OPEN_PATHS = ("/health/live", "/health/ready", "/")  # no key needed (probes, th
 OPEN_PREFIXES = ("/playground/static/",)
 
 
-def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = Limits(), api: bool = True) -> FastAPI:
     """A FastAPI app serving `engine` (started and closed by the caller). api_key: clients must send
-    `Authorization: Bearer <api_key>`."""
+    `Authorization: Bearer <api_key>`. api=False: the probes and metrics alone (a shared queue's worker)."""
     app = FastAPI(title="reverie", version=__version__,
                   description="Image and video generation: OpenAI images and videos APIs, A1111 /sdapi/v1, and "
                               "reverie's async jobs.")
@@ -73,7 +73,7 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
     def ready():
         """200 once the models are loaded and warmed up and jobs are accepted; 503 before and during shutdown."""
         if engine.ready:
-            return {"status": "ready", "models": list(engine.models), "queue_depth": engine.queue_depth()}
+            return {"status": "ready", "models": engine.model_names(), "queue_depth": engine.queue_depth()}
         detail = f"model loading failed: {engine.load_error}" if engine.load_error else "not ready"
         return JSONResponse({"detail": detail}, 503, headers={"Retry-After": "5"})
 
@@ -82,6 +82,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, limits: Limits = L
         """Prometheus metrics: queue depth, batch sizes, step latency, images, errors, rejections."""
         return PlainTextResponse(engine.metrics.render(), media_type=CONTENT_TYPE)
 
+    if not api:
+        return app
     for dialect in (openai, a1111, jobs, videos):
         app.include_router(dialect.router(engine, limits))
     try:

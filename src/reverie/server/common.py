@@ -82,4 +82,4 @@ def raise_for_job(job: Job) -> None:
 
 def images_b64(engine: Engine, job: Job) -> list[str]:
     """The PNG files of a finished job (with their metadata), base64-encoded."""
-    return [base64.b64encode(engine.store.image_path(job.id, i).read_bytes()).decode() for i in range(job.request.n)]
+    return [base64.b64encode(engine.image_path(job.id, i).read_bytes()).decode() for i in range(job.request.n)]

@@ -68,17 +68,18 @@ class Engine:
 
     def __init__(self, models: dict, out_dir, *, controlnets: dict | None = None, max_queue: int = 64, max_batch: int = 8,
                  batch_window_s: float = 0.1, timeout_s: float = 600.0, preview_interval_s: float = 0.0,
-                 finished_in_memory: int = 1000, lora_dir=None):
-        if not models:
+                 finished_in_memory: int = 1000, lora_dir=None, store=None, default_model: str | None = None,
+                 metric_labels: dict | None = None):
+        if not models and default_model is None:
             raise ValueError("models: give at least one model (name -> Pipeline or loader)")
         for name, value in (("max_queue", max_queue), ("max_batch", max_batch)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
         self._sources, self.models = dict(models), {}
-        self.default_model = next(iter(models))
+        self.default_model = default_model or next(iter(models))
         self.controlnets = dict(controlnets or {})
         self.loras = LoraLibrary(lora_dir)
-        self.store = JobStore(out_dir)
+        self.store = store if store is not None else JobStore(out_dir)  # reverie.server.pgstore: shared
         self.max_queue, self.max_batch, self.batch_window_s = max_queue, max_batch, batch_window_s
         self.timeout_s, self.preview_interval_s = timeout_s, preview_interval_s
         self.video_format = "mp4" if has_pyav() else "gif"  # how video results are stored (store.VIDEO_FORMATS)
@@ -93,7 +94,7 @@ class Engine:
         self.load_error: str | None = None
         self._batch_seconds = 1.0  # running mean of one pipeline call, for Retry-After
         self._last_batch = (1, -math.inf)  # (images, time.monotonic() when it ended)
-        self.metrics = self._make_metrics()
+        self.metrics = self._make_metrics(metric_labels)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -195,6 +196,10 @@ class Engine:
             except ValueError:
                 return None
 
+    def model_names(self) -> list[str]:
+        """The models requests may name (the first is the default)."""
+        return list(self.models)
+
     def running(self) -> list[Job]:
         with self._cond:
             return list(self._running)
@@ -243,7 +248,7 @@ class Engine:
         if model not in self.models:
             raise FieldError("model", f"must be one of {sorted(self.models)}; got {model!r}")
         pipe = self.models[model]
-        settings = families.settings(pipe, defaults)
+        settings = families.settings(pipe, defaults if defaults is not None else request.defaults)
         request = dataclasses.replace(request, **{k: v for k, v in settings.items() if getattr(request, k) is None},
                                       **families.video_defaults(pipe, request))
         factor, size = pipe.size_multiple, pipe.family.default_dims(pipe)  # Wan: 832 x 480
@@ -487,7 +492,7 @@ class Engine:
                     if job.status not in FINAL and job.kind == "sync":
                         self._finish(job, "cancelled", error="the server shut down during the job")
                     elif job.status not in FINAL:
-                        self.store.update(job.id, status="queued", started=None)
+                        self._requeue(job)
             return
         row = 0
         for job in batch:
@@ -495,6 +500,15 @@ class Engine:
             row += job.request.n
             if job.status not in FINAL:
                 self._deliver(job, result, rows, elapsed)
+
+    def _requeue(self, job: Job) -> None:
+        """A running native job the shutdown interrupted: queued again in the store for the next start."""
+        self.store.update(job.id, status="queued", started=None)
+
+    def _publish(self, progress: dict) -> None:
+        """Hand each running job's progress event (job -> data) to its listeners."""
+        for job, data in progress.items():
+            job.emit("progress", data)
 
     def _generate(self, batch: list[Job], active: list[Job]):
         """Run the pipeline on all rows of a batch, with the per-step callback. With a refiner: the model stops at
@@ -604,9 +618,9 @@ class Engine:
                                           "elapsed_s": round(job.finished - job.created, 3)})
         return True
 
-    def _make_metrics(self) -> Metrics:
-        m = Metrics()
-        m.gauge("queue_depth", "Jobs waiting in the queue.", lambda: len(self._queue))
+    def _make_metrics(self, labels: dict | None) -> Metrics:
+        m = Metrics(labels=labels)
+        m.gauge("queue_depth", "Jobs waiting in the queue.", self.queue_depth)
         m.gauge("inflight_jobs", "Jobs in the running batch.", lambda: len(self._running))
         m.gauge("ready", "1 when models are loaded and the engine accepts jobs.", lambda: int(self.ready))
         m.counter("jobs_total", "Jobs finished, by status.", ("status",))
@@ -643,6 +657,7 @@ class _StepCallback:
             engine._expire_queued()
         previews = [j for j in self.active if j.request.preview and now - j._last_preview >= engine.preview_interval_s]
         decoded = self._previews(step, previews) if previews else {}
+        progress = {}
         for job in self.active:
             data = dict(step=self.offset + step.i + 1, steps=job.request.steps, sigma=round(float(step.sigma), 5),
                         elapsed_s=round(now - self.start, 3))
@@ -650,7 +665,8 @@ class _StepCallback:
             if job in decoded:
                 job._last_preview = now
                 data = dict(data, preview_x=decoded[job][0], preview_x0=decoded[job][1])
-            job.emit("progress", data)
+            progress[job] = data
+        engine._publish(progress)
 
     def drop(self, now: float | None = None) -> None:
         """Drop cancelled and expired rows; raise Cancelled when none is left (or the engine is aborting)."""

@@ -78,6 +78,8 @@ class Request:
     tiling: bool = False  # seamless images (circular padding)
     loras: list | None = None  # [[name, text strength, unet strength], ...] from the server's --lora-dir; the
     # prompt's <lora:name:te:unet> tags are read into it (and removed from the prompt) when the request is prepared
+    defaults: dict | None = None  # the dialect's steps / guidance_scale / sampler defaults for SD models, kept for
+    # a worker that prepares the request (reverie.server.shared); None: family.SD_DEFAULTS
     preview: bool = False  # stream decoded previews with the progress events
     timeout_s: float | None = None  # the job's deadline (queue wait + run); the engine's default caps it
 

@@ -1,11 +1,13 @@
 """Prometheus metrics for one engine, through prometheus_client: one CollectorRegistry per engine (no process-wide
 state, so several engines in one process each report their own), counters and histograms with labels, gauges
-read from callables when scraped; `render` is the text exposition format /metrics serves.
+read from callables when scraped; `render` is the text exposition format /metrics serves. `labels` (the role and
+worker id of a process on a shared queue: reverie.server.shared) are added to every series it renders.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
@@ -16,8 +18,8 @@ class Metrics:
     """Counters (`inc`), histograms (`observe`) and gauges (`gauge`, a callable read at scrape time), declared by
     name (without the prefix) with the label names their series take."""
 
-    def __init__(self, prefix: str = "reverie"):
-        self.prefix = prefix
+    def __init__(self, prefix: str = "reverie", labels: dict | None = None):
+        self.prefix, self.labels = prefix, dict(labels or {})
         self.registry = CollectorRegistry(auto_describe=True)
         self._metrics: dict[str, Counter | Histogram | Gauge] = {}
 
@@ -51,4 +53,17 @@ class Metrics:
         return 0 if value is None else value
 
     def render(self) -> str:
-        return generate_latest(self.registry).decode()
+        return generate_latest(_Labelled(self.registry, self.labels) if self.labels else self.registry).decode()
+
+
+class _Labelled:
+    """A registry's metrics with constant labels added to every sample."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict):
+        self.registry, self.labels = registry, labels
+
+    def collect(self):
+        for metric in self.registry.collect():
+            out = Metric(metric.name, metric.documentation, metric.type, metric.unit)
+            out.samples = [s._replace(labels={**self.labels, **s.labels}) for s in metric.samples]
+            yield out
