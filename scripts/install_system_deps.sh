@@ -3,15 +3,17 @@
 #   fonts-noto-color-emoji  the Noto Color Emoji font the "emoji" data set renders
 #   unicode-data            emoji-test.txt, the CLDR names used as its captions
 #   chromium                the headless browser the playground's Playwright tests drive
+#   postgresql              the server the shared-queue tests start (initdb, pg_ctl; on loopback, in a temp folder)
 # Idempotent and quiet: does nothing when everything is already there, prints apt's output only when it
 # fails.
 set -euo pipefail
 
-PACKAGES="fonts-noto-color-emoji unicode-data chromium"
+PACKAGES="fonts-noto-color-emoji unicode-data chromium postgresql"
 FONT=/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf
 NAMES=/usr/share/unicode/emoji/emoji-test.txt
 CHROMIUM=/usr/bin/chromium
-if [ -f "$FONT" ] && [ -f "$NAMES" ] && [ -x "$CHROMIUM" ]; then
+INITDB=$(ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n 1 || true)
+if [ -f "$FONT" ] && [ -f "$NAMES" ] && [ -x "$CHROMIUM" ] && [ -n "$INITDB" ]; then
     exit 0
 fi
 
@@ -42,3 +44,7 @@ for f in "$FONT" "$NAMES" "$CHROMIUM"; do
         exit 1
     fi
 done
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "install_system_deps.sh: postgresql installed but no /usr/lib/postgresql/*/bin/initdb" >&2
+    exit 1
+fi

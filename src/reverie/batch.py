@@ -9,6 +9,10 @@ Images are numbered in file order; a request with n images and seed s gives seed
 convention), one without a seed gets base_seed + its image number. Image k is written as
 `{k:05d}-{seed}.png` (with reverie.metadata's chunks, atomically), so a rerun skips what exists and writes
 only what is missing; manifest.jsonl lists every image when the batch completes.
+
+`run_batch_ray` spreads the same chunks over the actors of a Ray cluster (each loads the pipeline once; one per
+GPU where the cluster has GPUs); the driver writes each chunk's images as it arrives, so the output folder is
+the driver's alone and an interrupted run resumes like any other. Same chunks, same seeds: the same images.
 """
 
 from __future__ import annotations
@@ -165,10 +169,82 @@ def _remove_stale_temps(out: Path) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _images(pipe, chunk: list[Job]) -> list[tuple]:
+    """(image, its recorded parameters) for each job of a chunk, from one pipeline call."""
+    result = _generate(pipe, chunk)
+    return [(result.images[i], image_params(result.params, i, record_batch=True)) for i in range(len(chunk))]
+
+
 def run_batch(pipe, requests: list[dict], out, *, batch_size: int = 4, base_seed: int = 0,
               progress: bool = True) -> dict:
     """Generate every image of `requests` (see read_requests) into folder `out`, skipping those already there.
     Returns {"total", "skipped", "generated", "flagged", "manifest"}."""
+    def generate(todo):
+        for chunk in chunks(todo, batch_size, negative_given=pipe.family.zeroes_absent_negative(pipe)):
+            yield chunk, _images(pipe, chunk)
+
+    return _run(requests, out, base_seed, progress, generate)
+
+
+class _Generator:
+    """A Ray actor's state: the pipeline, loaded once."""
+
+    def __init__(self, load, threads: int | None):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.pipe = load()
+
+    def negative_given(self) -> bool:
+        return self.pipe.family.zeroes_absent_negative(self.pipe)
+
+    def run(self, chunk: list[Job]) -> tuple[list[Job], list[tuple]]:
+        return chunk, _images(self.pipe, chunk)
+
+
+def run_batch_ray(load, requests: list[dict], out, *, batch_size: int = 4, base_seed: int = 0, progress: bool = True,
+                  address: str | None = None, actors: int | None = None) -> dict:
+    """run_batch on a Ray cluster. load: a picklable callable returning the pipeline, called once in each actor
+    (reverie must be installed on every node). address: the cluster's ("auto", "ray://host:10001"); None starts a
+    local Ray instance (or joins $RAY_ADDRESS). actors: how many (default: one per GPU where the cluster has GPUs,
+    otherwise one per two CPUs); on CPUs each actor gets an equal share of the cluster's CPUs as torch threads."""
+    import ray
+
+    if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
+        raise ValueError(f"actors must be an integer >= 1; got {actors!r}")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        resources = ray.cluster_resources()
+        gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+        count = actors or (gpus if gpus else max(1, cpus // 2))
+        if gpus:
+            options = dict(num_gpus=1)
+            threads = None
+        else:
+            threads = max(1, cpus // count)
+            options = dict(num_cpus=threads)
+        cls = ray.remote(**options)(_Generator)
+        pool = [cls.remote(load, threads) for _ in range(count)]
+
+        def generate(todo):
+            from ray.util import ActorPool
+
+            negative_given = ray.get(pool[0].negative_given.remote())
+            work = chunks(todo, batch_size, negative_given=negative_given)
+            yield from ActorPool(pool).map_unordered(lambda actor, chunk: actor.run.remote(chunk), work)
+
+        return _run(requests, out, base_seed, progress, generate)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _run(requests: list[dict], out, base_seed: int, progress: bool, generate) -> dict:
+    """Plan the batch, skip the images already in `out`, write what generate(todo) yields — (chunk, [(image,
+    params)]) — as it comes, then the manifest."""
     from tqdm.auto import tqdm
 
     from .formats.safetensors_io import _atomic_write
@@ -180,11 +256,9 @@ def run_batch(pipe, requests: list[dict], out, *, batch_size: int = 4, base_seed
     records = {job.index: r for job in jobs if (r := _existing(out, job)) is not None}
     todo = [job for job in jobs if job.index not in records]
     with tqdm(total=len(jobs), initial=len(records), unit="image", desc="batch", disable=not progress) as bar:
-        for chunk in chunks(todo, batch_size, negative_given=pipe.family.zeroes_absent_negative(pipe)):
-            result = _generate(pipe, chunk)
-            for i, job in enumerate(chunk):
-                params = image_params(result.params, i, record_batch=True)
-                save_png(result.images[i], params, out / job.name)
+        for chunk, images in generate(todo) if todo else ():
+            for job, (image, params) in zip(chunk, images):
+                save_png(image, params, out / job.name)
                 records[job.index] = params
                 bar.update(1)
     lines = [json.dumps({"index": job.index, "file": job.name,

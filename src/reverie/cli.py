@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -345,7 +346,17 @@ def _batch(args) -> None:
     defaults = dict(negative_prompt=args.negative, steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                     scheduler=args.scheduler, width=args.width, height=args.height, clip_skip=args.clip_skip)
     requests = read_requests(args.prompts, **defaults)  # checked before the model loads
-    summary = run_batch(_load(args, args.model), requests, args.out, batch_size=args.batch_size, base_seed=args.seed)
+    if args.ray is not None:
+        from .batch import run_batch_ray
+
+        model_path(args.model)  # a wrong --model fails here, not in every actor
+        address = None if args.ray == "local" else args.ray
+        summary = run_batch_ray(functools.partial(_load, args, args.model), requests, args.out,
+                                batch_size=args.batch_size, base_seed=args.seed, address=address,
+                                actors=args.ray_actors)
+    else:
+        summary = run_batch(_load(args, args.model), requests, args.out, batch_size=args.batch_size,
+                            base_seed=args.seed)
     print(f"{summary['generated']} images generated, {summary['skipped']} already there, {summary['flagged']} "
           f"flagged; manifest: {summary['manifest']}")
 
@@ -871,6 +882,11 @@ def _add_output_parsers(sub) -> None:
     batch.add_argument("--clip-skip", type=int, default=None)
     batch.add_argument("--device", default="cpu")
     batch.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    batch.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="spread the batch over a Ray cluster's actors: ADDRESS auto or ray://HOST:10001, or none "
+                            "for a local Ray instance ($RAY_ADDRESS if set); needs the ray extra")
+    batch.add_argument("--ray-actors", type=int, default=None,
+                       help="actors, each holding the pipeline (default: one per GPU, else one per two CPUs)")
     _add_safety_arguments(batch)
     batch.set_defaults(run=_batch)
 
