@@ -10,6 +10,13 @@ included), the forward passes used (from /metrics), and the throughput ratio on 
 pipeline's images/s at batch 1 and 8 in this process: how much a bigger batch saves on this machine.
 
     python bench/serve.py [--clients 1,4,8,16] [--requests 3] [--repeats 2] [--steps 20] [--threads 1]
+
+With --workers 1,2,3 it measures the shared queue instead (reverie.server.shared): a throwaway local PostgreSQL,
+one `reverie serve --store URL --no-engine` front end, and `reverie worker` processes added one by one (each with
+--threads torch threads, default 1); for each worker count, the clients' images/s through the front end and the
+ratio to one worker: how throughput scales with workers on this machine.
+
+    python bench/serve.py --workers 1,2,3 [--clients 8] [--requests 3] [--steps 20] [--threads 1]
 """
 
 from __future__ import annotations
@@ -34,13 +41,14 @@ PROMPTS = ["a red circle", "a blue square on the left", "a green triangle above 
            "a small yellow square", "a large blue circle to the right of a red triangle"]
 
 
-def start_server(out: str, max_batch: int, threads: int | None) -> tuple[subprocess.Popen, str]:
+def start_server(out: str, max_batch: int, threads: int | None, *extra: str,
+                 command: str = "serve") -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    process = subprocess.Popen([sys.executable, "-m", "reverie.cli", "serve", "--port", str(port), "--out", out,
-                                "--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning"],
+    process = subprocess.Popen([sys.executable, "-m", "reverie.cli", command, "--port", str(port), "--out", out,
+                                "--max-batch", str(max_batch), "--max-queue", "256", "--log-level", "warning", *extra],
                                env=env, stdout=subprocess.DEVNULL)
     return process, f"http://127.0.0.1:{port}"
 
@@ -107,6 +115,47 @@ def bare_pipeline(steps: int, threads: int | None) -> dict[int, float]:
     return out
 
 
+def scale_workers(args, counts: list[int], clients: int) -> None:
+    """images/s through one front end on a shared PostgreSQL queue, against the number of workers."""
+    from reverie.server.localpg import local_postgres
+
+    threads = args.threads or 1
+    print(f"shared-queue benchmark: shapes 64x64, {args.steps} steps, {clients} clients x {args.requests} requests, "
+          f"median of {args.repeats}, {threads} torch thread(s) per worker, max batch {args.max_batch}, CPU "
+          f"({os.cpu_count()} cores), one --no-engine front end, local PostgreSQL", flush=True)
+    rows, processes = {}, []
+    with tempfile.TemporaryDirectory() as out, local_postgres() as url:
+        try:
+            front, front_url = start_server(os.path.join(out, "front"), args.max_batch, 1, "--store", url,
+                                            "--no-engine")
+            processes.append(front)
+            wait_ready(front_url)
+            for n in counts:
+                while len(processes) - 1 < n:
+                    k = len(processes)
+                    worker, worker_url = start_server(os.path.join(out, f"w{k}"), args.max_batch, threads, "--store",
+                                                      url, "--worker-id", f"w{k}", command="worker")
+                    processes.append(worker)
+                    wait_ready(worker_url)
+                time.sleep(1.5)  # the front end reads the workers' heartbeats once a second
+                run(front_url, 1, 1, args.steps)
+                samples = []
+                for _ in range(args.repeats):
+                    wall, latencies = run(front_url, clients, args.requests, args.steps)
+                    samples.append((clients * args.requests / wall, percentile(latencies, 50)))
+                rows[n] = tuple(statistics.median(col) for col in zip(*samples))
+                print(f"workers {n}  {rows[n][0]:6.2f} images/s  p50 {rows[n][1]:6.2f} s", flush=True)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(60)
+    print(f"\n| workers | images/s | p50 s | vs {counts[0]} |")
+    print("|---|---|---|---|")
+    for n in counts:
+        print(f"| {n} | {rows[n][0]:.2f} | {rows[n][1]:.2f} | {rows[n][0] / rows[counts[0]][0]:.2f}x |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", default="1,4,8,16", help="comma-separated client counts")
@@ -115,8 +164,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per server (OMP_NUM_THREADS)")
     parser.add_argument("--max-batch", type=int, default=16, help="images per forward pass with batching on")
+    parser.add_argument("--workers", default=None, help="comma-separated worker counts: the shared-queue mode")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
+    if args.workers:
+        scale_workers(args, [int(n) for n in args.workers.split(",")], max(counts))
+        return 0
     print(f"reverie serve benchmark: shapes 64x64, {args.steps} steps, dpmpp_2m, guidance 7.5, {args.requests} "
           f"requests per client, median of {args.repeats}, torch threads {args.threads or 'default'}, CPU "
           f"({os.cpu_count()} cores), POST /v1/images/generations over 127.0.0.1", flush=True)

@@ -226,3 +226,27 @@ def test_health_metrics_and_a_model_no_worker_holds(cluster):
     text = httpx.get(cluster.urls["w1"] + "/metrics").text
     assert 'role="worker"' in text and 'worker="w1"' in text and "reverie_claim_seconds" in text
     assert httpx.get(cluster.urls["w1"] + "/v1/jobs/" + "0" * 32).status_code == 404  # a worker has no API
+
+
+def test_compose_file_runs_two_front_ends_and_two_workers_with_valid_commands():
+    """compose.yaml (not started here: no container runtime) names PostgreSQL, 2 front ends and 2 workers, and
+    every command it runs is one the reverie CLI accepts, on the compose network's store."""
+    from pathlib import Path
+
+    import yaml
+
+    from reverie.cli import build_parser
+    from reverie.train.cli import parse_args
+
+    compose = yaml.safe_load((Path(__file__).parents[1] / "compose.yaml").read_text())
+    services = compose["services"]
+    roles = {}
+    for name, service in services.items():
+        if "command" not in service:
+            continue
+        args = parse_args(build_parser(), service["command"])
+        roles[name] = "frontend" if service["command"][0] == "serve" and args.no_engine else service["command"][0]
+        assert args.store == "postgresql://reverie:reverie@db:5432/reverie" and args.host == "0.0.0.0"
+        assert service["environment"]["REVERIE_API_KEY"].startswith("${REVERIE_API_KEY")  # 0.0.0.0 needs the key
+    assert sorted(roles.values()) == ["frontend", "frontend", "worker", "worker"]
+    assert services["db"]["image"].startswith("postgres:")

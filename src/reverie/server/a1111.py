@@ -86,6 +86,7 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
         job = await run_sync(engine, request, http)
         raise_for_job(job)
         params = job.result["params"]
+        recorded = params[0] if params else {}  # as the worker that ran it recorded it (a front end may not hold it)
         r = job.request
         sampler = sampler_label(params[0]["sampler"], params[0].get("schedule") or "default",
                                 params[0].get("sampler_options"))[0] if params else r.sampler
@@ -96,7 +97,8 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
                     subseed_strength=r.subseed_strength, width=r.width, height=r.height, sampler_name=sampler,
                     cfg_scale=(r.true_cfg_scale or 1.0) if flux else r.guidance_scale, steps=r.steps,
                     batch_size=body.batch_size, n_iter=body.n_iter, restore_faces=False,
-                    sd_model_name=r.model, sd_model_hash=_hash(pipe), family=pipe.family.name,
+                    sd_model_name=r.model, family=recorded.get("family"),
+                    sd_model_hash=recorded.get("model_hash") if pipe is None else _hash(pipe),
                     denoising_strength=edit.get("strength"), infotexts=[infotext(p) for p in params],
                     index_of_first_image=0, job_id=job.id,
                     job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(job.created)))

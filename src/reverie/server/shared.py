@@ -106,7 +106,13 @@ class SharedEngine(Engine):
             self.store.close()
 
     def _resume(self) -> None:
-        """Nothing to resume: a stopped worker's jobs go back to the queue when their leases expire."""
+        """Called once the models are loaded, before the engine is ready: join the workers table, so front ends
+        see this worker's models the moment it answers ready. (Nothing to resume: a stopped worker's jobs go back
+        to the queue when their leases expire.)"""
+        self._heartbeat()
+
+    def _heartbeat(self) -> None:
+        self.store.heartbeat(self.worker_id, self.role, socket.gethostname(), list(self.models))
 
     # --- the front end ------------------------------------------------------------------------------------
 
@@ -423,7 +429,7 @@ class SharedEngine(Engine):
             for job_id in self.store.expire_deadlines(QUEUED_TOO_LONG):
                 log.info("job failed: deadline", extra={"job": job_id, "worker": self.worker_id})
             if self.role != "frontend" and self._ready:
-                self.store.heartbeat(self.worker_id, self.role, socket.gethostname(), list(self.models))
+                self._heartbeat()
         self._store_ok = True
 
     def _make_metrics(self, labels):
