@@ -143,15 +143,10 @@ class Engine:
 
     def submit(self, request: Request, *, kind: str = "job") -> Job:
         """Validate, store and queue a job. Raises FieldError (422) or Rejected (429 / 503)."""
-        if not self.ready:
-            self.metrics.inc("rejections_total", reason="not_ready")
-            raise Rejected(503, "the server is not ready (loading models or shutting down)", 5)
-        request = self.prepare(request)
-        job = Job(uuid.uuid4().hex, request, kind=kind)
-        timeout = min(self.timeout_s, request.timeout_s or math.inf)
+        job, timeout = self._accept(request, kind)
         job.deadline = job.enqueued + timeout
         with self._cond:
-            if not self._accepting:
+            if not self._accepting:  # again, now holding the lock close() takes
                 raise Rejected(503, "the server is shutting down", 5)
             if len(self._queue) >= self.max_queue:
                 self.metrics.inc("rejections_total", reason="queue_full")
@@ -160,6 +155,19 @@ class Engine:
             self._enqueue(job)
         log.info("job queued", extra={"job": job.id, "kind": kind, "images": request.n, "position": self.position(job)})
         return job
+
+    def _accept(self, request: Request, kind: str) -> tuple[Job, float]:
+        """A new job for a request (prepared: defaults filled in, checked) and its time limit in seconds.
+        Raises FieldError, or Rejected (503) when the engine is not ready or is shutting down."""
+        if not self.ready:
+            self.metrics.inc("rejections_total", reason="not_ready")
+            raise Rejected(503, "the server is not ready (loading models, shutting down, or its job store is "
+                                "unreachable)", 5)
+        job = Job(uuid.uuid4().hex, self.prepare(request), kind=kind)
+        with self._cond:
+            if not self._accepting:
+                raise Rejected(503, "the server is shutting down", 5)
+        return job, min(self.timeout_s, job.request.timeout_s or math.inf)
 
     def get(self, job_id: str) -> Job | None:
         """A job by id: from memory, or rebuilt from the store (finished long ago, or before a restart)."""

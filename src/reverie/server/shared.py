@@ -148,15 +148,8 @@ class SharedEngine(Engine):
     def submit(self, request: Request, *, kind: str = "job") -> Job:
         """Validate and store a job (then acknowledged: it survives this process). Raises FieldError or
         Rejected (429 when the shared queue is full, 503)."""
-        if not self.ready:
-            self.metrics.inc("rejections_total", reason="not_ready")
-            raise Rejected(503, "the server is not ready (loading models, or the job store is unreachable)", 5)
-        request = self.prepare(request)
-        job = Job(uuid.uuid4().hex, request, kind=kind)
-        timeout = min(self.timeout_s, request.timeout_s or math.inf)
-        with self._cond:
-            if not self._accepting:
-                raise Rejected(503, "the server is shutting down", 5)
+        job, timeout = self._accept(request, kind)
+        request = job.request
         try:
             row = self.store.enqueue(job.id, kind, request.model, request.to_json(), timeout, self.max_queue)
         except QueueFull as e:
