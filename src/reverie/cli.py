@@ -42,6 +42,7 @@ def _generate(args) -> None:
                                     prediction_type=args.prediction_type, offload=args.offload,
                                     safety_checker=_safety_option(args), **files)
     _configure_safety(pipe, args)
+    _configure_speed(pipe, args)
     prompt, negative = _apply_loras(pipe, args, args.prompt, args.negative)
     video = _is_video(pipe)
     out, fps = _video_out(args) if video else (Path(args.out), None)
@@ -271,6 +272,27 @@ def _configure_safety(pipe, args) -> None:
         pipe.safety_checker = SafetyFilter(checker, deny, replacement=args.nsfw_replacement)
 
 
+def _add_speed_arguments(parser) -> None:
+    parser.add_argument("--quantize", default=None, choices=["fp8", "int8-weight", "int8-dynamic"],
+                        help="cheaper network weights: fp8 storage with upcast, int8 weights, or int8 weights and "
+                             "activations (int8: the quant extra, torchao); see docs/speed.md")
+    parser.add_argument("--deepcache", type=int, default=None, metavar="N",
+                        help="DeepCache on a UNet: every N-th network call in full, the others through its "
+                             "shallowest level (e.g. 3; 1: off)")
+    parser.add_argument("--block-cache", type=float, default=None, metavar="T",
+                        help="first-block caching on a diffusion transformer: skip the other blocks while the first "
+                             "block's output changes by less than T (e.g. 0.1; 0: off)")
+
+
+def _configure_speed(pipe, args) -> None:
+    if getattr(args, "quantize", None) is not None:
+        pipe.quantize(args.quantize)
+    if getattr(args, "deepcache", None) is not None:
+        pipe.enable_deepcache(args.deepcache)
+    if getattr(args, "block_cache", None) is not None:
+        pipe.enable_block_cache(args.block_cache)
+
+
 def _add_safety_arguments(parser) -> None:
     parser.add_argument("--safety-checker", default="auto",
                         help="auto (on when the model folder ships one), none, or a checker folder: a "
@@ -288,6 +310,7 @@ def _load(args, model):
     pipe = Pipeline.from_pretrained(model_path(model), device=args.device, dtype=getattr(torch, DTYPES[args.dtype]),
                                     safety_checker=_safety_option(args))
     _configure_safety(pipe, args)
+    _configure_speed(pipe, args)
     return pipe
 
 
@@ -403,6 +426,7 @@ def _eval(args) -> None:
     from .pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(model_path(args.model), device=args.device)
+    _configure_speed(pipe, args)
     if args.lora:
         from .lora import LoraUse, parse_lora_option, read_lora
 
@@ -752,6 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--vae-tiling", action="store_true", help="decode large images tile by tile")
     gen.add_argument("--offload", action="store_true", help="keep models on the CPU until each is needed")
     _add_safety_arguments(gen)
+    _add_speed_arguments(gen)
     _add_control_arguments(gen)
     _add_edit_arguments(gen)
     gen.set_defaults(run=_generate)
@@ -790,6 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generate from paraphrases of the captions ('a crimson disk' for 'a red circle'), score "
                          "against the captions: how well the text encoder follows unseen wording")
     _add_control_arguments(ev, evaluating=True)
+    _add_speed_arguments(ev)
     ev.set_defaults(run=_eval)
 
     samplers = sub.add_parser("samplers", help="list the samplers")
@@ -818,6 +844,7 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     serve.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     _add_safety_arguments(serve)
+    _add_speed_arguments(serve)
     add_arguments(serve)
     serve.set_defaults(run=_serve)
 
@@ -841,6 +868,7 @@ def _add_worker_parser(sub) -> None:
     worker.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps")
     worker.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     _add_safety_arguments(worker)
+    _add_speed_arguments(worker)
     add_arguments(worker, worker=True)
     worker.set_defaults(run=_worker)
 
@@ -888,6 +916,7 @@ def _add_output_parsers(sub) -> None:
     batch.add_argument("--ray-actors", type=int, default=None,
                        help="actors, each holding the pipeline (default: one per GPU, else one per two CPUs)")
     _add_safety_arguments(batch)
+    _add_speed_arguments(batch)
     batch.set_defaults(run=_batch)
 
     cost = sub.add_parser("cost", help="measure this machine's throughput and print latency, images per hour and "

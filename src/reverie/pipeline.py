@@ -160,6 +160,7 @@ class Pipeline:
         self.embeddings: dict[str, Path] = {}  # loaded textual inversions: name -> file
         self._lora_state = self._lora_names = None
         self._tiling, self._freeu = False, None
+        self.quantized: str | None = None  # quantize
         for key, component in self.components.items():
             setattr(self, key, component)
         self.network = self.components[family.network]
@@ -186,7 +187,22 @@ class Pipeline:
         strengths. A file that does not fit this model changes nothing (reverie.lora)."""
         from .lora import set_loras
 
+        if self.quantized is not None and loras:
+            raise ValueError(f"loras: the network is quantized ({self.quantized}); merge LoRAs before quantize(), "
+                             f"or load the model again without it")
         set_loras(self, loras)
+
+    def quantize(self, mode: str) -> None:
+        """Cheaper network weights, in place and for good (reverie.quantize.MODES): "fp8" (storage in
+        float8_e4m3fn, each layer upcast per call), "int8-weight" (int8 weights, per-channel scales) or
+        "int8-dynamic" (int8 weights and per-token int8 activations) on the network's Linear layers (torchao,
+        the quant extra). Recorded as "quantize" in the image parameters."""
+        from .quantize import quantize_network
+
+        if self.quantized is not None:
+            raise ValueError(f"quantize: the network is already quantized ({self.quantized})")
+        quantize_network(self.network, mode, self.dtype)
+        self.quantized = mode
 
     def load_embedding(self, source, *, name: str | None = None, allow_pickle: bool = False) -> str:
         """Add a textual-inversion embedding (A1111, kohya, diffusers or SDXL clip_l / clip_g file) to the CLIP
@@ -521,6 +537,9 @@ class Pipeline:
 
         tiling: seamless images for this call (circular padding in every convolution: set_tiling); None keeps
         the pipeline's setting."""
+        for cache in (getattr(self.network, "deep_cache", None), getattr(self.network, "block_cache", None)):
+            if cache is not None:
+                cache.reset()  # a new sampling run: nothing from the last one is reused
         if tiling is None or bool(tiling) == self.tiling:
             return self._generate(prompt, *args, **kwargs)
         previous = self.tiling
@@ -541,6 +560,40 @@ class Pipeline:
         if hasattr(self.network, "disable_freeu"):
             self.network.disable_freeu()
         self._freeu = None
+
+    def enable_deepcache(self, interval: int = 3) -> None:
+        """DeepCache on the UNet (SD 1/2, SDXL; reverie.models.step_cache): every `interval`-th network call in
+        full, the calls between through the shallowest level only. interval 1 is the uncached model."""
+        if not hasattr(self.network, "enable_deepcache"):
+            raise ValueError(f"deepcache: DeepCache skips a UNet's deep levels; a {self.family.name} model has none "
+                             f"(transformers: enable_block_cache)")
+        self.network.enable_deepcache(interval)
+
+    def enable_block_cache(self, threshold: float = 0.1) -> None:
+        """First-block caching on a diffusion transformer (DiT, SD3, FLUX, Wan, spacetime;
+        reverie.models.step_cache): the other blocks are skipped while the first block's output changes by less
+        than `threshold` (relative mean absolute change) since the last full call. 0 is the uncached model."""
+        if not hasattr(self.network, "enable_block_cache"):
+            raise ValueError(f"block_cache: first-block caching is for diffusion transformers; a {self.family.name} "
+                             f"model's network is a UNet (use enable_deepcache)")
+        self.network.enable_block_cache(threshold)
+
+    def disable_step_cache(self) -> None:
+        """Turn DeepCache and first-block caching off."""
+        for name in ("disable_deepcache", "disable_block_cache"):
+            if hasattr(self.network, name):
+                getattr(self.network, name)()
+
+    @property
+    def step_cache(self) -> dict | None:
+        """The active step cache's setting, as the image metadata records it: {"deepcache": interval} or
+        {"block_cache": threshold}; None when off."""
+        deep, block = getattr(self.network, "deep_cache", None), getattr(self.network, "block_cache", None)
+        if deep is not None:
+            return {"deepcache": deep.interval}
+        if block is not None:
+            return {"block_cache": block.threshold}
+        return None
 
     @property
     def tiling(self) -> bool:
@@ -688,6 +741,10 @@ class Pipeline:
             params["tiling"] = True
         if self._freeu:
             params["freeu"] = list(self._freeu)  # s1, s2, b1, b2
+        if self.step_cache:
+            params.update(self.step_cache)  # deepcache: interval, or block_cache: threshold
+        if self.quantized:
+            params["quantize"] = self.quantized
         if subseed_strength:
             params |= dict(subseed=subseeds[0], subseed_strength=float(subseed_strength))
         return self._checked(_result(images, x.cpu(), params), seed)

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from ..schedules import _check_choice
 from .blocks import AdaNorm, FeedForward, PatchEmbed, modulate
 from .layers import Attention, TimestepEmbedding, timestep_embedding
+from .step_cache import BlockCached, run_blocks
 from .unet import config_kwargs
 
 TIME_CHANNELS = 256  # width of the sinusoidal timestep features (flip_sin_to_cos=True, freq_shift=1)
@@ -169,7 +170,7 @@ def unpatchify(tokens: Tensor, h: int, w: int, p: int) -> Tensor:
     return x.reshape(B, -1, h * p, w * p)
 
 
-class DiT(nn.Module):
+class DiT(BlockCached, nn.Module):
     """Class-conditional DiT: latents x, timesteps t and class ids y -> eps (and the variance with learned sigma)."""
 
     def __init__(self, config: DiTConfig | None = None):
@@ -222,8 +223,14 @@ class DiT(nn.Module):
         t = _per_row("t", t, B, x.device)
         labels = self._labels(class_labels, B, x.device)
         t_freq = timestep_embedding(t, TIME_CHANNELS, flip_sin_to_cos=True, freq_shift=1).to(tokens.dtype)
-        for block in self.transformer_blocks:
-            tokens = block(tokens, t_freq, labels)
+        def blocks(start: int, stop: int | None):
+            def run(tokens):
+                for block in self.transformer_blocks[start:stop]:
+                    tokens = block(tokens, t_freq, labels)
+                return tokens
+            return run
+
+        tokens = run_blocks(self.block_cache, blocks(0, 1), blocks(1, None), tokens, x)
         cond = self.transformer_blocks[0].norm1.emb(t_freq, labels)  # the final layer reuses block 0's embedder
         shift, scale = self.proj_out_1(F.silu(cond)).chunk(2, dim=1)
         out = self.proj_out_2(modulate(self.norm_out(tokens), shift, scale))  # (B, h * w, p * p * out_channels)

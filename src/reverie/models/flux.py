@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .blocks import AdaNorm, FeedForward, attention, heads, modulate
 from .layers import TimestepEmbedding, timestep_embedding
+from .step_cache import BlockCached, run_blocks
 from .unet import config_kwargs
 
 ROPE_THETA = 10000.0  # rotary base of every FLUX.1 release
@@ -262,7 +263,7 @@ class TimeTextEmbedding(nn.Module):
 
 # ---------------------------------------------------------------- the network
 
-class Flux(nn.Module):
+class Flux(BlockCached, nn.Module):
     """FLUX.1 transformer: packed latent tokens, flow time in [0, 1] and text -> velocity tokens."""
 
     def __init__(self, config: FluxConfig | None = None):
@@ -310,12 +311,20 @@ class Flux(nn.Module):
         txt = self.context_embedder(encoder_hidden_states)  # (B, L, dim)
         cos, sin = rope(torch.cat([txt_ids, img_ids]), c.axes_dims_rope)  # (L + N, head_dim) each
         pe = cos.to(img.device), sin.to(img.device)
-        for block in self.transformer_blocks:
-            img, txt = block(img, txt, temb, pe)
-        h = torch.cat([txt, img], dim=1)  # (B, L + N, dim)
-        for block in self.single_transformer_blocks:
-            h = block(h, temb, pe)
-        h, (scale, shift) = self.norm_out(h[:, txt.shape[1]:], temb)
+        def first(state):
+            return self.transformer_blocks[0](*state, temb, pe) if len(self.transformer_blocks) else state
+
+        def rest(state):
+            img, txt = state
+            for block in self.transformer_blocks[1:]:
+                img, txt = block(img, txt, temb, pe)
+            h = torch.cat([txt, img], dim=1)  # (B, L + N, dim)
+            for block in self.single_transformer_blocks:
+                h = block(h, temb, pe)
+            return h[:, txt.shape[1]:], h[:, :txt.shape[1]]
+
+        img, _ = run_blocks(self.block_cache, first, rest, (img, txt), x)
+        h, (scale, shift) = self.norm_out(img, temb)
         return self.proj_out(modulate(h, shift, scale))  # (B, N, p^2 * out_channels)
 
     def _check(self, x, context, pooled, img_ids, txt_ids) -> tuple[int, int]:

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from ..schedules import _check_choice
 from .blocks import AdaNorm, FeedForward, PatchEmbed, RMSNorm, attention, heads, modulate
 from .flux import TimeTextEmbedding, _check_int
+from .step_cache import BlockCached, run_blocks
 from .unet import config_kwargs
 
 QK_NORMS = (None, "rms_norm")  # SD3: none; SD3.5: RMSNorm over each head's queries and keys
@@ -178,7 +179,7 @@ class JointTransformerBlock(nn.Module):
 
 # ---------------------------------------------------------------- the network
 
-class MMDiT(nn.Module):
+class MMDiT(BlockCached, nn.Module):
     """SD3 / SD3.5 transformer: latents, t = sigma * 1000 and text -> flow velocity."""
 
     def __init__(self, config: MMDiTConfig | None = None):
@@ -215,9 +216,17 @@ class MMDiT(nn.Module):
         img = self.pos_embed(x)  # (B, N, dim), N = (H/p)(W/p)
         temb = self.time_text_embed(_per_row(t, B, x.device), None, pooled_projections)  # (B, dim)
         txt = self.context_embedder(encoder_hidden_states)  # (B, L, dim)
-        for i, block in enumerate(self.transformer_blocks):
-            if i not in skip:
-                img, txt = block(img, txt, temb)
+        def blocks(start: int, stop: int | None):
+            def run(state):
+                img, txt = state
+                for i, block in list(enumerate(self.transformer_blocks))[start:stop]:
+                    if i not in skip:
+                        img, txt = block(img, txt, temb)
+                return img, txt
+            return run
+
+        cache = None if skip else self.block_cache  # skip-layer guidance's extra call runs in full, unseen
+        img, _ = run_blocks(cache, blocks(0, 1), blocks(1, None), (img, txt), x)
         h, (scale, shift) = self.norm_out(img, temb)
         out = self.proj_out(modulate(h, shift, scale))  # (B, N, p * p * out_channels)
         out = out.reshape(B, H // p, W // p, p, p, self.out_channels).permute(0, 5, 1, 3, 2, 4)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..schedules import _check_choice
+from .step_cache import DeepCache
 from .layers import (Attention, Downsample2D, ResnetBlock2D, TimestepEmbedding, Upsample2D, set_attention_slice,
                      timestep_embedding)
 
@@ -293,14 +294,14 @@ class DownBlock(nn.Module):
         self.downsamplers = (nn.ModuleList([Downsample2D(out_channels, padding=downsample_padding)])
                              if add_downsample else None)
 
-    def forward(self, x: Tensor, temb: Tensor, context: Tensor) -> tuple[Tensor, list[Tensor]]:
+    def forward(self, x: Tensor, temb: Tensor, context: Tensor, downsample: bool = True) -> tuple[Tensor, list[Tensor]]:
         skips = []
         for j, resnet in enumerate(self.resnets):
             x = resnet(x, temb)
             if self.attentions is not None:
                 x = self.attentions[j](x, context)
             skips.append(x)
-        if self.downsamplers is not None:
+        if self.downsamplers is not None and downsample:
             x = self.downsamplers[0](x)
             skips.append(x)
         return x, skips
@@ -452,6 +453,7 @@ class UNet(nn.Module):
             for i, kind in enumerate(c.up_block_types)])
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, chans[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(chans[0], c.out_channels, c.conv_out_kernel, padding=c.conv_out_kernel // 2)
+        self.deep_cache: DeepCache | None = None  # enable_deepcache
         for m in self.modules():
             if isinstance(m, Attention):
                 m.upcast = c.upcast_attention
@@ -513,6 +515,20 @@ class UNet(nn.Module):
         for block in self.up_blocks:
             block.freeu = None
 
+    def _skip_count(self) -> int:
+        """Skip connections of a full call: conv_in's output, each down resnet's, each downsampler's."""
+        return 1 + sum(len(b.resnets) + (b.downsamplers is not None) for b in self.down_blocks)
+
+    def enable_deepcache(self, interval: int) -> DeepCache:
+        """DeepCache (reverie.models.step_cache): every `interval`-th call in full, the calls between through the
+        first down block and the last up block only, on the deep features of the last full call. The cache is the
+        returned object's; reset() it at the start of each sampling run."""
+        self.deep_cache = DeepCache(interval)
+        return self.deep_cache
+
+    def disable_deepcache(self) -> None:
+        self.deep_cache = None
+
     def forward(self, sample: Tensor, timestep: Tensor | float, encoder_hidden_states: Tensor, *,
                 down_block_additional_residuals: Sequence[Tensor] | None = None,
                 mid_block_additional_residual: Tensor | None = None,
@@ -550,16 +566,20 @@ class UNet(nn.Module):
         if self.encoder_hid_proj is not None:
             context = self.encoder_hid_proj(context)  # (B, T, cross_attention_dim)
 
+        cache = self.deep_cache
+        shallow = cache is not None and cache.reuse(sample)  # DeepCache: the first level only, deep features kept
         h = self.conv_in(sample)  # (B, C0, H, W)
         skips = [h]
-        for block in self.down_blocks:
-            h, block_skips = block(h, temb, context)
+        for block in self.down_blocks[:1] if shallow else self.down_blocks:
+            h, block_skips = block(h, temb, context, downsample=not shallow)
             skips += block_skips
         if down_block_additional_residuals is not None:
-            if len(down_block_additional_residuals) != len(skips):
+            if len(down_block_additional_residuals) != self._skip_count():
                 raise ValueError(f"down_block_additional_residuals must hold one tensor per skip connection "
-                                 f"({len(skips)}); got {len(down_block_additional_residuals)}")
+                                 f"({self._skip_count()}); got {len(down_block_additional_residuals)}")
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
+        if shallow:  # the last up block consumes exactly the first level's skips
+            return self.conv_out(F.silu(self.conv_norm_out(self.up_blocks[-1](cache.features, skips, temb, context))))
         if self.mid_block is not None:
             h = self.mid_block(h, temb, context)
         if mid_block_additional_residual is not None:
@@ -572,6 +592,8 @@ class UNet(nn.Module):
             n = len(block.resnets)
             block_skips, skips = skips[-n:], skips[:-n]
             size = None if exact or block.upsamplers is None else tuple(skips[-1].shape[-2:])
+            if cache is not None and block is self.up_blocks[-1]:
+                cache.store(h, sample)
             h = block(h, block_skips, temb, context, size)
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
 

@@ -27,6 +27,7 @@ from ..schedules import _check_choice
 from .blocks import FeedForward, attention, heads
 from .flux import _check_int, apply_rope, rope
 from .layers import TimestepEmbedding, timestep_embedding
+from .step_cache import BlockCached, run_blocks
 from .unet import config_kwargs
 
 QK_NORMS = ("rms_norm_across_heads",)  # diffusers builds the same qk RMSNorm whatever it says; reverie takes only this
@@ -253,7 +254,7 @@ def grid_ids(frames: int, rows: int, columns: int, device=None) -> Tensor:
     return torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
 
 
-class WanTransformer(nn.Module):
+class WanTransformer(BlockCached, nn.Module):
     """Wan's transformer: video latents (B, C, F, H, W), timesteps and text states -> flow velocity."""
 
     def __init__(self, config: WanTransformerConfig | None = None):
@@ -296,8 +297,14 @@ class WanTransformer(nn.Module):
         temb, modulation = embed.time(t, encoder_hidden_states.dtype)  # (B, 1 | N, dim), (B, 1 | N, 6, dim)
         context = embed.text_embedder(encoder_hidden_states)  # (B, L, dim)
         image = None if encoder_hidden_states_image is None else embed.image_embedder(encoder_hidden_states_image)
-        for block in self.blocks:
-            tokens = block(tokens, context, image, modulation, pe)
+        def blocks(start: int, stop: int | None):
+            def run(tokens):
+                for block in self.blocks[start:stop]:
+                    tokens = block(tokens, context, image, modulation, pe)
+                return tokens
+            return run
+
+        tokens = run_blocks(self.block_cache, blocks(0, 1), blocks(1, None), tokens, x)
         shift, scale = (self.scale_shift_table[None] + temb[:, :, None]).unbind(2)  # (B, 1 | N, dim): from temb
         tokens = (self.norm_out(tokens.float()) * (1 + scale) + shift).type_as(tokens)
         out = self.proj_out(tokens)  # (B, N, pt * ph * pw * out_channels), channel last in each patch
