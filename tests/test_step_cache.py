@@ -145,3 +145,16 @@ def test_cli_deepcache(tmp_path, capsys):
     assert read_png_info(out)["request"]["deepcache"] == 3
     assert main(["generate", "a red circle", "--steps", "6", "--block-cache", "0.1", "--out", str(out)]) == 2
     assert "block_cache" in capsys.readouterr().err
+
+
+def test_compile_keeps_the_network_and_its_outputs(tmp_path):
+    """Pipeline.compile compiles the network in place (same module, same state dict names) and draws the eager
+    images up to float rounding (a tiny diffusers SD model: compiling it takes seconds, not minutes)."""
+    pipe = Pipeline.from_pretrained(sd_folder(tmp_path / "sd"))
+    kwargs = dict(steps=3, seed=[1], progress=False)
+    eager = pipe(PROMPTS[:1], **kwargs)
+    network, keys = pipe.network, list(pipe.network.state_dict())
+    pipe.compile()
+    compiled = pipe(PROMPTS[:1], **kwargs)
+    assert pipe.network is network and list(pipe.network.state_dict()) == keys
+    torch.testing.assert_close(compiled.latents, eager.latents, rtol=1e-4, atol=1e-4)

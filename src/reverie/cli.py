@@ -276,6 +276,9 @@ def _add_speed_arguments(parser) -> None:
     parser.add_argument("--quantize", default=None, choices=["fp8", "int8-weight", "int8-dynamic"],
                         help="cheaper network weights: fp8 storage with upcast, int8 weights, or int8 weights and "
                              "activations (int8: the quant extra, torchao); see docs/speed.md")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (inductor): slower first call, faster steps after; the "
+                             "server compiles during its warm-up")
     parser.add_argument("--deepcache", type=int, default=None, metavar="N",
                         help="DeepCache on a UNet: every N-th network call in full, the others through its "
                              "shallowest level (e.g. 3; 1: off)")
@@ -287,6 +290,8 @@ def _add_speed_arguments(parser) -> None:
 def _configure_speed(pipe, args) -> None:
     if getattr(args, "quantize", None) is not None:
         pipe.quantize(args.quantize)
+    if getattr(args, "compile", False):
+        pipe.compile()
     if getattr(args, "deepcache", None) is not None:
         pipe.enable_deepcache(args.deepcache)
     if getattr(args, "block_cache", None) is not None:
