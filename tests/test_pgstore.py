@@ -197,3 +197,11 @@ def test_shared_engine_events_and_deadlines_across_engines(url, tmp_path):
         front.close()
         worker.close()
         emoji.close()
+
+
+def test_store_errors_name_the_store_and_hide_the_password():
+    with pytest.raises(ValueError, match="postgresql:// URL"):
+        PgStore("mysql://user@host/db")
+    with pytest.raises(ValueError, match="cannot reach the database at 127.0.0.1:1/db") as e:
+        PgStore("postgresql://user:hunter2@127.0.0.1:1/db")
+    assert "hunter2" not in str(e.value)

@@ -209,8 +209,10 @@ def run_batch_ray(load, requests: list[dict], out, *, batch_size: int = 4, base_
     (reverie must be installed on every node). address: the cluster's ("auto", "ray://host:10001"); None starts a
     local Ray instance (or joins $RAY_ADDRESS). actors: how many (default: one per GPU where the cluster has GPUs,
     otherwise one per two CPUs); on CPUs each actor gets an equal share of the cluster's CPUs as torch threads."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        raise ValueError("ray: reverie batch --ray needs Ray (pip install -e '.[ray]')") from None
     if actors is not None and (isinstance(actors, bool) or not isinstance(actors, int) or actors < 1):
         raise ValueError(f"actors must be an integer >= 1; got {actors!r}")
     started = not ray.is_initialized()

@@ -86,14 +86,24 @@ class PgStore:
     gets its own connection (autocommit; multi-statement changes run in explicit transactions)."""
 
     def __init__(self, url: str):
-        import psycopg  # the "postgres" extra
+        try:
+            import psycopg
+        except ImportError:
+            raise ValueError("store: a PostgreSQL store needs psycopg (pip install -e '.[postgres]')") from None
+        if not url.startswith(("postgresql://", "postgres://")):
+            raise ValueError(f"store must be a postgresql:// URL (postgresql://USER[:PASSWORD]@HOST:PORT/DB); got "
+                             f"{url.split('@')[-1]!r}")
 
         self._psycopg, self.url = psycopg, url
         self._local = threading.local()
         self._connections: list = []
         self._lock = threading.Lock()
         self._staged: dict[str, dict[str, bytes]] = {}  # a running job's result files, written with its status
-        self.migrate()
+        try:
+            self.migrate()
+        except psycopg.OperationalError as e:  # the URL's credentials are not repeated
+            reason = str(e).strip().splitlines()[0]
+            raise ValueError(f"store: cannot reach the database at {url.split('@')[-1]}: {reason}") from None
 
     # --- connections and schema ------------------------------------------------------------------------
 
