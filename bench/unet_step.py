@@ -4,10 +4,9 @@ CPU, eager, fp32, batch 2 (one classifier-free-guidance step), torch.inference_m
 
 - Latency: one subprocess holds both models and alternates their timed reps (after a warm-up each), so load
   from other processes on a shared machine hits both alike. Prints median and min per step, and the ratios
-  to diffusers' median and min (on a loaded machine the min is the steadier estimate). A third row,
-  "reverie+im2col", times reverie with oneDNN switched off for convolutions with <= 256 output pixels
-  (B * H * W), so that torch's im2col + GEMM kernel runs: a proposed layers.py change, measured here by
-  toggling torch's global oneDNN flag in per-conv hooks.
+  to diffusers' median and min (on a loaded machine the min is the steadier estimate). reverie's small
+  convolutions (<= 256 output pixels, B * H * W) run as unfold + one matmul (reverie.models.layers.conv2d),
+  where torch's oneDNN convolution spends its time reordering the weight per call.
 - FLOPs: torch.utils.flop_counter.FlopCounterMode on the meta device (CPU SDPA is given the SDPA formula),
   shown as achieved GFLOP/s and as a fraction of this machine's fp32 peak, measured as the best 2048^3 matmul.
 - Peak memory: each model runs one forward in its own fresh subprocess. The kernel's resident high-water mark
@@ -51,7 +50,6 @@ SDXL_SMALL = UNetConfig(sample_size=32, block_out_channels=(32, 64, 128), layers
 PRESETS = {**UNET_PRESETS, "sdxl_small": SDXL_SMALL}
 LATENT = {"sd15": 32, "sd21": 32}  # latent side per preset; others use the preset's sample_size
 TIME_IDS = [1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]  # SDXL: original size, crop top-left, target size
-SMALL_CONV = 256  # output pixels (B * H * W) at or below which "reverie+im2col" bypasses oneDNN
 
 
 def build(impl: str, preset: str) -> torch.nn.Module:
@@ -99,24 +97,6 @@ def step(model, x, t, context, added):
     return model(x, t, context, added_cond_kwargs=added or None).sample
 
 
-@contextlib.contextmanager
-def im2col_small_convs(model: torch.nn.Module):
-    """Within the block, switch oneDNN off for convs with few output pixels (its per-call weight reorder
-    dominates there), so torch's im2col + GEMM kernel runs instead."""
-    def pre(conv, args):
-        x = args[0]
-        torch._C._set_mkldnn_enabled(x.shape[0] * x.shape[-2] * x.shape[-1] > SMALL_CONV * conv.stride[0] ** 2)
-
-    handles = [h for m in model.modules() if isinstance(m, torch.nn.Conv2d)
-               for h in (m.register_forward_pre_hook(pre),
-                         m.register_forward_hook(lambda *_: torch._C._set_mkldnn_enabled(True)))]
-    try:
-        yield model
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def vm_kib(key: str) -> int:
     """VmRSS (resident now) or VmHWM (resident high-water mark) of this process, from /proc/self/status."""
     with open("/proc/self/status") as f:
@@ -138,8 +118,7 @@ def memory_worker(impl: str, preset: str) -> dict:
 def timing_worker(preset: str, reps: int) -> dict:
     models = {"reverie": build("reverie", preset), "diffusers": build("diffusers", preset)}
     variants = {"reverie": lambda: contextlib.nullcontext(models["reverie"]),
-                "diffusers": lambda: contextlib.nullcontext(models["diffusers"]),
-                "reverie+im2col": lambda: im2col_small_convs(models["reverie"])}
+                "diffusers": lambda: contextlib.nullcontext(models["diffusers"])}
     x, t, context, added = inputs(preset)
     times, outs = {name: [] for name in variants}, {}
     with torch.inference_mode():
@@ -229,7 +208,7 @@ def main() -> None:
                   f"{timing['diffs'][impl]:>10.1e}")
         print(f"{preset:10} {reps} timed reps each after a warm-up; latency / diffusers' (medians, mins): " + ", ".join(
             f"{impl} {medians[impl] / medians['diffusers']:.3f}, {mins[impl] / mins['diffusers']:.3f}"
-            for impl in ("reverie", "reverie+im2col")))
+            for impl in ("reverie",)))
         print(f"{preset:10} weights {memory['reverie']['weights_mib']:.0f} MiB (not in fwd peak)")
     print("fwd peak: resident high-water mark during one forward minus resident size before it (own process); "
           "max|diff|: largest absolute output difference from diffusers")

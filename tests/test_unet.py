@@ -214,3 +214,25 @@ def test_bad_inputs_raise():
         net(x, t[:2], context)
     with pytest.raises(ValueError, match="in_channels"):
         net(x[:, :3], t, context)
+
+
+def test_small_convolutions_take_the_unfold_path_and_equal_the_convolution():
+    """reverie.models.layers.conv2d: at or below SMALL_CONV_PIXELS output pixels a plain float32 conv runs as
+    unfold + matmul, equal to F.conv2d up to rounding, for 3x3 and 1x1 kernels, stride 1 and 2, odd sizes; above
+    the bound, and for other layers (circular padding), it is the layer itself."""
+    from reverie.models.layers import SMALL_CONV_PIXELS, conv2d
+
+    torch.manual_seed(0)
+    for kernel, stride, padding, size in ((3, 1, 1, (7, 5)), (3, 2, 1, (9, 8)), (1, 1, 0, (4, 6)), (3, 2, 0, (8, 8))):
+        layer = torch.nn.Conv2d(6, 5, kernel, stride=stride, padding=padding)
+        x = torch.randn(2, 6, *size)
+        with torch.no_grad():
+            torch.testing.assert_close(conv2d(layer, x), layer(x), rtol=0, atol=1e-5)
+    big = torch.nn.Conv2d(4, 4, 3, padding=1)
+    x = torch.randn(1, 4, 32, 32)  # 1024 output pixels > SMALL_CONV_PIXELS: the layer's own kernel, to the bit
+    assert 32 * 32 > SMALL_CONV_PIXELS
+    with torch.no_grad():
+        assert torch.equal(conv2d(big, x), big(x))
+        big.padding_mode = "circular"
+        small = torch.randn(1, 4, 4, 4)
+        assert torch.equal(conv2d(big, small), big(small))
