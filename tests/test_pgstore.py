@@ -182,6 +182,10 @@ def test_shared_engine_events_and_deadlines_across_engines(url, tmp_path):
                 time.sleep(0.05)
             assert PgStore(url).get(job_id)["worker"] == "emoji-worker"
             assert sorted(httpx.get(base + "/health/ready").json()["models"]) == ["emoji", "shapes"]
+            listed = httpx.get(base + "/v1/models").json()["data"]  # a front end lists what its workers hold
+            assert sorted(m["id"] for m in listed) == ["emoji", "shapes"]
+            assert [m["id"] for m in listed if m["default"]] == ["shapes"]
+            assert sorted(m["model_name"] for m in httpx.get(base + "/sdapi/v1/sd-models").json()) == ["emoji", "shapes"]
 
             # a deadline the job cannot meet: it fails on its worker, seen through the front end
             r = httpx.post(base + "/v1/jobs", json={"prompt": "a blue square", "steps": 150, "width": 256,

@@ -150,9 +150,12 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
     @api.get("/sd-models")
     def sd_models() -> list[dict]:
         """The models this server holds, with their family (reverie's addition)."""
-        return [dict(title=title(name, pipe), model_name=name, hash=_hash(pipe), sha256=None,
+        held = [dict(title=title(name, pipe), model_name=name, hash=_hash(pipe), sha256=None,
                      filename=str(pipe.source) if pipe.source is not None else name, config=None,
                      family=pipe.family.name) for name, pipe in engine.models.items()]
+        # on a shared queue (reverie.server.shared): the models only the cluster's workers hold, by name
+        return held + [dict(title=name, model_name=name, hash=None, sha256=None, filename=name, config=None,
+                            family=None) for name in engine.model_names() if name not in engine.models]
 
     @api.get("/loras")
     def loras() -> list[dict]:

@@ -61,6 +61,10 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
             data.append(dict(id=name, object="model", owned_by="reverie", default=name == engine.default_model,
                              width=pipe.default_size, height=pipe.default_size, controlnets=controls,
                              **families.describe(pipe)))
+        for name in engine.model_names():  # a shared queue's front end: the models its workers hold, by name
+            if name not in engine.models:
+                data.append(dict(id=name, object="model", owned_by="reverie", default=name == engine.default_model,
+                                 held_by="workers"))
         return {"object": "list", "data": data, "created": int(time.time())}
 
     return api
