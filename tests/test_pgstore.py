@@ -186,6 +186,12 @@ def test_shared_engine_events_and_deadlines_across_engines(url, tmp_path):
             assert sorted(m["id"] for m in listed) == ["emoji", "shapes"]
             assert [m["id"] for m in listed if m["default"]] == ["shapes"]
             assert sorted(m["model_name"] for m in httpx.get(base + "/sdapi/v1/sd-models").json()) == ["emoji", "shapes"]
+            r = httpx.post(base + "/sdapi/v1/txt2img", json={"prompt": "grinning face", "steps": 2, "seed": 1,
+                                                             "override_settings": {"sd_model_checkpoint": "emoji"}},
+                           timeout=120)  # A1111's model switch, to a model only a worker holds
+            assert r.status_code == 200 and r.json()["parameters"]["override_settings"] == {"sd_model_checkpoint":
+                                                                                            "emoji"}
+            assert json.loads(r.json()["info"])["sd_model_name"] == "emoji"
 
             # a deadline the job cannot meet: it fails on its worker, seen through the front end
             r = httpx.post(base + "/v1/jobs", json={"prompt": "a blue square", "steps": 150, "width": 256,

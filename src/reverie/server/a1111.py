@@ -49,7 +49,11 @@ def router(engine: Engine, limits: Limits) -> APIRouter:
         for name, pipe in engine.models.items():
             if value in (name, title(name, pipe)) or str(value).split(" [")[0] == name:
                 return name
-        raise FieldError(field, f"must be one of {[title(n, p) for n, p in engine.models.items()]}; got {value!r}")
+        others = [name for name in engine.model_names() if name not in engine.models]  # a shared queue's workers'
+        if str(value).split(" [")[0] in others:
+            return str(value).split(" [")[0]
+        raise FieldError(field, f"must be one of {[title(n, p) for n, p in engine.models.items()] + others}; got "
+                                f"{value!r}")
 
     def model_of(body: Txt2ImgBody) -> str:
         chosen = body.override_settings.get("sd_model_checkpoint")
