@@ -215,3 +215,43 @@ def test_store_errors_name_the_store_and_hide_the_password():
     with pytest.raises(ValueError, match="cannot reach the database at 127.0.0.1:1/db") as e:
         PgStore("postgresql://user:hunter2@127.0.0.1:1/db")
     assert "hunter2" not in str(e.value)
+
+
+def test_a_video_job_on_the_shared_queue_stores_its_clip_and_poster(url, tmp_path):
+    """A worker holding a video model (diffusers' tiny Wan): the clip and its PNG poster are written with the job's
+    final status and served by a front end that holds no model."""
+    import httpx
+
+    from reverie import Pipeline
+    from reverie.server import create_app
+    from reverie.server.shared import SharedEngine
+    from reverie.video_io import read_video
+
+    from test_server_support import serving
+    from tiny_families import wan_folder
+
+    PgStore(url)._execute("TRUNCATE jobs, job_files, workers")
+    worker = SharedEngine({"wan": Pipeline.from_pretrained(wan_folder(tmp_path / "wan"))}, url, role="worker",
+                          out_dir=tmp_path / "w").start()
+    front = SharedEngine({}, url, role="frontend", out_dir=tmp_path / "f", default_model="wan").start()
+    try:
+        assert worker.wait_ready(120), worker.load_error
+        with serving(create_app(front)) as base:
+            r = httpx.post(base + "/v1/jobs", json={"prompt": "dance monkey", "steps": 2, "width": 32, "height": 32,
+                                                    "num_frames": 5, "seed": 2})
+            job_id = r.json()["id"]
+            deadline = time.monotonic() + 120
+            while (view := httpx.get(f"{base}/v1/jobs/{job_id}").json())["status"] != "done":
+                assert view["status"] in ("queued", "running") and time.monotonic() < deadline, view
+                time.sleep(0.05)
+            (video,) = view["videos"]
+            clip = httpx.get(base + video)
+            assert clip.status_code == 200 and len(clip.content) > 0
+            path = tmp_path / ("clip." + video.rsplit(".", 1)[1])
+            path.write_bytes(clip.content)
+            assert len(read_video(path)) == 5
+            poster = httpx.get(f"{base}/v1/jobs/{job_id}/images/0.png")
+            assert poster.status_code == 200 and poster.content[:8] == b"\x89PNG\r\n\x1a\n"
+    finally:
+        front.close()
+        worker.close()

@@ -13,6 +13,7 @@ encoders and the VAE keep their dtype. What each costs and saves here: docs/spee
 from __future__ import annotations
 
 import io
+import warnings
 
 import torch
 from torch import nn
@@ -29,8 +30,6 @@ def quantize_network(network: nn.Module, mode: str, compute_dtype: torch.dtype) 
 
         return store_fp8(network, compute_dtype=compute_dtype, name="network")
     try:
-        import warnings
-
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             from torchao.quantization import (Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig,

@@ -269,10 +269,9 @@ class PgStore:
         if kind not in VIDEO_FORMATS:
             raise ValueError(f"kind must be one of {sorted(VIDEO_FORMATS)}; got {kind!r}")
         with tempfile.TemporaryDirectory() as tmp:
-            path = save_video(frames, Path(tmp) / f"{index}.{kind}", fps=fps, params=params)
+            save_video(frames, Path(tmp) / f"{index}.{kind}", fps=fps, params=params)
             for file in Path(tmp).iterdir():
                 self._staged.setdefault(job_id, {})[f"videos/{file.name}"] = file.read_bytes()
-        return path
 
     def discard(self, job_id: str) -> None:
         """Drop a job's staged files (it ended without delivering them)."""

@@ -256,8 +256,8 @@ class SharedEngine(Engine):
     def _follow(self, job: Job, row: dict) -> None:
         """Bring a front end's Job up to its row, emitting the events in between."""
         status = row["status"]
-        if status != "queued" and row["request"] != job.request.to_json():
-            job.request = Request.from_json(row["request"])  # as the worker prepared it (defaults filled in)
+        if status != "queued" and job.status == "queued":  # claimed: the request as its worker prepared it
+            job.request = Request.from_json(row["request"])  # (defaults filled in)
         if status == "queued" and job.status == "running":  # its worker died; it waits for another
             job.status, job.started, job.progress = "queued", None, None
             job.emit("queued", {"position": self.store.position(job.id), "requeued": True})
@@ -351,7 +351,7 @@ class SharedEngine(Engine):
 
     def _renew(self) -> None:
         with self._cond:
-            running = {job: None for job in self._running if job.id in self._claims}
+            running = [job for job in self._running if job.id in self._claims]
             claims = [(job.id, self._claims[job.id]) for job in running]
         if claims:
             self._lost(running, self.store.renew(self.worker_id, claims, self.lease_s))
